@@ -1,0 +1,59 @@
+# objcache developer entry points. `make test` and `make demo` install what
+# they need (system packages via scripts/install-system-deps.sh, Python
+# packages into .venv) on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+VPY    := $(VENV)/bin/python
+PYTEST := $(VPY) -m pytest
+
+.PHONY: all deps build dev debug test test-ext-twin bench bench-smoke demo clean
+
+all: build
+
+# System packages + virtualenv + Python dependencies (+ an editable install,
+# which builds the extensions). Re-runs when the project metadata changes.
+$(VENV)/.deps: pyproject.toml setup.py scripts/install-system-deps.sh
+	scripts/install-system-deps.sh
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q setuptools wheel 'Cython>=3.0.10,<4'
+	$(VPY) -m pip install -q --no-build-isolation -e '.[test]'
+	touch $@
+
+deps: $(VENV)/.deps
+
+# Release build of the extensions, in place.
+build: deps
+	$(VPY) setup.py -q build_ext --inplace --force
+
+# Strict developer build: -Wall -Wextra -Werror, Cython warnings as errors.
+dev: deps
+	OBJCACHE_DEV=1 $(VPY) setup.py -q build_ext --inplace --force
+
+# Debug build: -O0 -g and live-object counters that every test checks.
+debug: deps
+	OBJCACHE_DEBUG=1 OBJCACHE_DEV=1 $(VPY) setup.py -q build_ext --inplace --force
+
+# The test command (README):
+# 1. the whole suite on a strict debug build (warnings are errors; every test
+#    asserts the live-object counters return to zero); compiled extensions
+#    are required and the parity tests run each behaviour on both
+#    implementations;
+# 2. the extension tests again with the twins forced (the selector path);
+# 3. a release build, and the micro-benchmarks once as a smoke run (ratios
+#    printed, not asserted: `make bench` asserts them).
+test: debug
+	OBJCACHE_REQUIRE_EXT=1 $(PYTEST) tests
+	OBJCACHE_NO_EXT=1 $(PYTEST) -q tests/ext
+	$(MAKE) build
+	OBJCACHE_REQUIRE_EXT=1 OBJCACHE_BENCH_STRICT=0 $(PYTEST) -q -s bench/micro
+
+# Benchmarks with their acceptance ratios asserted (see bench/RESULTS.md).
+bench: build
+	OBJCACHE_REQUIRE_EXT=1 $(PYTEST) -s bench/micro --benchmark-enable
+
+demo: build
+	$(VENV)/bin/objcache demo
+
+clean:
+	rm -rf build *.egg-info objcache/_ext/*.so objcache/_ext/_*.c

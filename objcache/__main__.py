@@ -1,0 +1,5 @@
+import sys
+
+from objcache.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Test and benchmark support: real S3 servers on loopback, helpers."""
