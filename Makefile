@@ -44,7 +44,7 @@ debug: deps
 #    printed, not asserted: `make bench` asserts them).
 test: debug
 	OBJCACHE_REQUIRE_EXT=1 $(PYTEST) tests
-	OBJCACHE_NO_EXT=1 $(PYTEST) -q tests/ext
+	OBJCACHE_REQUIRE_EXT=0 OBJCACHE_NO_EXT=1 $(PYTEST) -q tests/ext
 	$(MAKE) build
 	OBJCACHE_REQUIRE_EXT=1 OBJCACHE_BENCH_STRICT=0 $(PYTEST) -q -s bench/micro
 

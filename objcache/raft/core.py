@@ -733,8 +733,10 @@ class RaftCore:
         self._reset(self.term)
         self.role = Role.LEADER
         self.leader = self.id
-        for pr in self.prs.values():
-            pr.recent_active = True
+        # Peers count as active once they answer (the votes we just got
+        # don't count: check-quorum wants proof within each timeout).
+        if self.id in self.prs:
+            self.prs[self.id].recent_active = True
         # No membership change until everything before our term's first
         # entry is applied (Ongaro's single-server change fix).
         self.pending_conf_index = self.log.last_index()
