@@ -426,7 +426,7 @@ class RaftCore:
                 self._send(m)
         elif t == MsgType.READ_INDEX_RESP:
             if m.entries:
-                self._read_states.append(ReadState(m.index, m.entries[0].data))
+                self._read_states.append(ReadState(m.index, bytes(m.entries[0].data)))
 
     def _handle_append(self, m: Message) -> None:
         if m.index < self.log.committed:
@@ -559,7 +559,7 @@ class RaftCore:
             self._send_append(target)
 
     def _leader_read_index(self, m: Message) -> None:
-        ctx = m.entries[0].data if m.entries else b""
+        ctx = bytes(m.entries[0].data) if m.entries else b""
         if len(self.conf.voters) == 1 and self.id in self.conf.voters:
             self._answer_read(self.log.committed, m.frm, ctx)
             return

@@ -235,6 +235,13 @@ class RaftGroup:
 
     # ------------------------------------------------------------ transport side
 
+    def report_unreachable(self, peer: int) -> None:
+        """The transport could not reach ``peer``: stop pipelining to it."""
+        if self._stopping or self.failed is not None:
+            return
+        self._inputs.append(("unreachable", peer))
+        self._wake.set()
+
     def deliver(self, msg: Message) -> None:
         """A message from a peer (called by the transport)."""
         if self._stopping or self.failed is not None:
@@ -295,7 +302,13 @@ class RaftGroup:
             item = self._inputs.popleft()
             kind = item[0]
             if kind == "msg":
-                core.step(item[1])
+                try:
+                    core.step(item[1])
+                except (ValueError, TypeError, KeyError, IndexError) as exc:
+                    # A message the codec let through but the core can't
+                    # use: drop it, keep the replica. (LogSafetyError, a
+                    # violated invariant, is an AssertionError and fatal.)
+                    log.error("group %d: dropped %r: %r", self.group_id, item[1], exc)
             elif kind == "propose":
                 _, data, fut = item
                 if fut.done():
@@ -320,6 +333,8 @@ class RaftGroup:
                     core.read_index(item[1])
             elif kind == "transfer":
                 core.transfer_leader(item[1])
+            elif kind == "unreachable":
+                core.report_unreachable(item[1])
             elif kind == "snap_status":
                 core.report_snapshot(item[1], item[2])
             elif kind == "campaign":

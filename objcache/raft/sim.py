@@ -33,6 +33,7 @@ import msgpack
 
 from objcache.testing import linearizability as lin
 
+from . import codec
 from .core import Config, RaftCore, RestoreState
 from .log import LogSafetyError
 from .types import (ConfChange, ConfChangeType, ConfState, Entry, EntryType,
@@ -286,6 +287,11 @@ class Simulation:
             m = Message(MsgType.SNAP, to=m.to, frm=m.frm, term=m.term,
                         snapshot=m.snapshot, context=b"lost")
             copies = 1
+        # Every message crosses the wire codec, as in a real node: the
+        # receiver sees decoded entries (memoryview data), not the sender's
+        # objects.
+        header, buffers = codec.encode(m)
+        m = codec.decode(header, b"".join(bytes(b) for b in buffers))
         for _ in range(copies):
             delay = self.rng.randint(1, 8 if self.faults else 3)
             self.seq += 1
