@@ -68,7 +68,7 @@ class RestoreState:
     hard_state: HardState = HardState()
     snapshot: SnapshotMeta | None = None
     entries: list[Entry] | None = None     # entries after the snapshot
-    conf: ConfState | None = None          # bootstrap only: no snapshot, empty log
+    conf: ConfState | None = None          # the membership when there is no snapshot
 
 
 def _normalize_hard_state(restore: RestoreState) -> HardState:
@@ -201,6 +201,18 @@ class RaftCore:
         Ready.committed_entries with the same (index, term)."""
         return self._propose(Entry(0, 0, EntryType.NORMAL, data))
 
+    def propose_many(self, datas: list[bytes]) -> int:
+        """Append several normal entries with one round of appends to the
+        followers (one message per follower instead of one per entry).
+        Returns the index of the first; the rest follow consecutively."""
+        if not datas:
+            raise ValueError("propose_many needs at least one entry")
+        ents = [Entry(0, 0, EntryType.NORMAL, d) for d in datas]
+        self._check_can_propose()
+        last = self._append_entries(ents)
+        self._bcast_append()
+        return last - len(ents) + 1
+
     def propose_conf_change(self, cc: ConfChange) -> int:
         return self._propose(Entry(0, 0, EntryType.CONF_CHANGE, cc.encode()))
 
@@ -234,7 +246,7 @@ class RaftCore:
                               if i > self.log.snap_index]
         return SnapshotMeta(self.log.snap_index, self.log.snap_term, conf)
 
-    def _propose(self, entry: Entry) -> int:
+    def _check_can_propose(self) -> None:
         if self.role != Role.LEADER:
             raise NotLeader(self.leader)
         if self.lead_transferee != NONE:
@@ -242,6 +254,9 @@ class RaftCore:
                                   f"{self.lead_transferee}")
         if self.id not in self.prs:
             raise ProposalDropped("this node was removed from the group")
+
+    def _propose(self, entry: Entry) -> int:
+        self._check_can_propose()
         if entry.type == EntryType.CONF_CHANGE:
             if self.pending_conf_index > self.log.applied:
                 raise ProposalDropped(
@@ -855,6 +870,11 @@ class RaftCore:
             rd.hard_state = hs
         rd.snapshot = self.log.pending_snapshot
         rd.entries = self.log.unstable_entries()
+        term_or_vote_changed = rd.hard_state is not None and (hs.term, hs.vote) != (
+            self._prev_hard.term, self._prev_hard.vote)
+        rd.must_sync = bool(rd.entries) or rd.snapshot is not None or term_or_vote_changed
+        rd.send_before_persist = (self.role == Role.LEADER and rd.snapshot is None
+                                  and not term_or_vote_changed)
         rd.committed_entries = self.log.next_committed(self.cfg.max_apply_bytes)
         if rd.committed_entries:
             self._apply_conf_changes_to(rd.committed_entries[-1].index)

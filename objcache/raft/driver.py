@@ -310,15 +310,23 @@ class RaftGroup:
                     # violated invariant, is an AssertionError and fatal.)
                     log.error("group %d: dropped %r: %r", self.group_id, item[1], exc)
             elif kind == "propose":
-                _, data, fut = item
-                if fut.done():
-                    continue                    # the caller gave up already
-                try:
-                    index = core.propose(data)
-                except ProposalDropped as exc:
-                    fut.set_exception(exc)
+                # Every proposal queued right now goes in as one batch: one
+                # append message per follower for all of them.
+                batch = [item] if not item[2].done() else []
+                while self._inputs and self._inputs[0][0] == "propose":
+                    nxt = self._inputs.popleft()
+                    if not nxt[2].done():       # the caller gave up already
+                        batch.append(nxt)
+                if not batch:
                     continue
-                self._waiting[index] = _Waiter(core.term, fut)
+                try:
+                    first = core.propose_many([data for _, data, _ in batch])
+                except ProposalDropped as exc:
+                    for _, _, fut in batch:
+                        fut.set_exception(exc)
+                    continue
+                for k, (_, _, fut) in enumerate(batch):
+                    self._waiting[first + k] = _Waiter(core.term, fut)
             elif kind == "conf":
                 _, cc, fut = item
                 try:
@@ -341,16 +349,15 @@ class RaftGroup:
                 core.campaign()
 
     async def _handle_ready(self, rd: Ready) -> None:
-        # 1. Persist. The only await of the cycle.
-        if rd.must_sync():
+        # 1. Persist (the only await of the cycle) and 2. send: in this
+        # order, except that a leader may send first (Ready.send_before_persist)
+        # so followers write while it writes.
+        if rd.send_before_persist:
+            self._send(rd)
+        if rd.must_sync:
             await self.storage.save(rd.hard_state, rd.entries, rd.snapshot)
-        # 2. Send.
-        plain = [m for m in rd.messages if m.type != MsgType.SNAP]
-        if plain:
-            self.transport.send(self.group_id, plain)
-        for m in rd.messages:
-            if m.type == MsgType.SNAP:
-                self._start_snapshot_send(m)
+        if not rd.send_before_persist:
+            self._send(rd)
         # 3. Apply.
         if rd.soft_state is not None:
             self._on_soft_state(rd.soft_state.leader, rd.soft_state.role)
@@ -393,6 +400,14 @@ class RaftGroup:
             self._ready_reads = keep
         if self.applied - self.core.log.snap_index >= self.opts.snapshot_entries:
             await self._compact()
+
+    def _send(self, rd: Ready) -> None:
+        plain = [m for m in rd.messages if m.type != MsgType.SNAP]
+        if plain:
+            self.transport.send(self.group_id, plain)
+        for m in rd.messages:
+            if m.type == MsgType.SNAP:
+                self._start_snapshot_send(m)
 
     async def _compact(self) -> None:
         """Snapshot the state machine at ``applied`` and forget the log

@@ -71,10 +71,13 @@ class Disk:
         cut = len(records) if rng is None else rng.randrange(len(records) + 1)
         for kind, rec in records[:cut]:
             if kind == "snap":
+                # Entries after the snapshot survive only if the stored entry
+                # at its index is the snapshot's (Raft §7); otherwise the
+                # whole log goes.
+                idx, term = rec.meta.index, rec.meta.term
+                keep = self.term_at(idx) == term
                 self.snapshot = rec
-                self.entries = [e for e in self.entries if e.index > rec.meta.index]
-                if self.entries and self.entries[0].index != rec.meta.index + 1:
-                    self.entries = []
+                self.entries = [e for e in self.entries if e.index > idx] if keep else []
             elif kind == "ent":
                 base = self.snapshot.meta.index if self.snapshot else 0
                 keep = rec.index - base - 1
@@ -83,6 +86,15 @@ class Disk:
             else:
                 self.hard = rec
         return cut == len(records)
+
+    def term_at(self, index: int) -> int | None:
+        base = self.snapshot.meta if self.snapshot else None
+        if index == (base.index if base else 0):
+            return base.term if base else 0
+        for e in self.entries:
+            if e.index == index:
+                return e.term
+        return None
 
     def save_snapshot(self, snap: Snapshot) -> None:
         self.snapshot = snap
@@ -163,13 +175,18 @@ class Node:
             rd = self.core.ready()
             if rd.soft_state is not None and rd.soft_state.role == Role.LEADER:
                 self.sim.check_new_leader(self)
+            if rd.send_before_persist:
+                for m in rd.messages:
+                    self.sim.net_send(m)
             if torn:
                 self.disk.persist(rd, self.sim.rng)
                 self.crash()
                 return False
-            self.disk.persist(rd, None)
-            for m in rd.messages:
-                self.sim.net_send(m)
+            if rd.must_sync:
+                self.disk.persist(rd, None)
+            if not rd.send_before_persist:
+                for m in rd.messages:
+                    self.sim.net_send(m)
             if rd.snapshot is not None:
                 state = msgpack.unpackb(rd.snapshot.data, strict_map_key=False)
                 self.kv = dict(state["kv"])

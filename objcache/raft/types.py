@@ -197,10 +197,12 @@ class SoftState:
 class Ready:
     """Work the driver must do, IN THIS ORDER, then call ``core.advance(rd)``:
 
-    1. Persist ``snapshot`` (if any: it replaces the log up to its index),
-       then ``entries`` (an entry whose index is <= the last stored index
-       first truncates the stored log from that index), then ``hard_state``
-       (if any) — all durable (fdatasync) before step 2.
+    1. If ``must_sync``: persist ``snapshot`` (if any: it replaces the log
+       up to its index, and the entries after it too unless the stored entry
+       at its index has its term), then ``entries`` (an entry whose index is <= the
+       last stored index first truncates the stored log from that index),
+       then ``hard_state`` (if any) — all durable (fdatasync) before step 2.
+       Otherwise nothing needs persisting (at most the commit index moved).
     2. Send ``messages``. They promise what step 1 made durable (votes,
        acknowledged entries); sending earlier could break safety after a
        crash.
@@ -217,10 +219,18 @@ class Ready:
     committed_entries: list[Entry] = field(default_factory=list)
     messages: list[Message] = field(default_factory=list)
     read_states: list[ReadState] = field(default_factory=list)
+    # Whether step 1 must persist anything: entries, a snapshot, or a new
+    # term or vote. A hard state that differs only in its commit index may be
+    # skipped (commit is a hint the leader re-sends; recovery clamps it), so
+    # advancing the commit index never costs an fdatasync of its own.
+    must_sync: bool = False
+    # A leader whose term and vote are unchanged may send ``messages``
+    # before step 1 completes (its appends go out while it writes the same
+    # entries; Raft thesis §10.2.1). Safe because the leader counts its own
+    # entries toward commit only after advance(), i.e. once they are
+    # durable; everything else in its messages is already durable.
+    send_before_persist: bool = False
 
-    def must_sync(self) -> bool:
-        return bool(self.entries) or self.hard_state is not None \
-            or self.snapshot is not None
 
 
 class ProposalDropped(Exception):

@@ -49,7 +49,8 @@ class Cluster:
         node = self.nodes[i]
         while node.has_ready():
             rd = node.ready()
-            self.disks[i].persist(rd, None)
+            if rd.must_sync:
+                self.disks[i].persist(rd, None)
             self.queue.extend(rd.messages)
             if rd.snapshot is not None:
                 self.applied[i] = list(_decode(rd.snapshot.data))

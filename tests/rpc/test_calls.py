@@ -124,8 +124,15 @@ def test_large_payload_goes_out_as_writelines_of_head_and_payload():
         kind, (head, body) = t.calls[-1]
         assert kind == "writelines" and body is payload
         assert head[:4] == b"OCR\x01"
-        await conn.notify("m", {}, b"small", None)      # one write, joined
-        assert t.calls[-1][0] == "write" and t.calls[-1][1].endswith(b"small")
+        # Small frames are corked until the end of the loop iteration, then
+        # written together in one write.
+        await conn.notify("m", {}, b"small", None)
+        await conn.notify("m", {}, b"small2", None)
+        assert t.calls[-1][0] == "writelines"
+        await asyncio.sleep(0)
+        kind, data = t.calls[-1]
+        assert kind == "write" and data.count(b"OCR\x01") == 2
+        assert data.endswith(b"small2")
     run(body)
 
 
