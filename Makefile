@@ -39,11 +39,14 @@ debug: deps
 #    asserts the live-object counters return to zero); compiled extensions
 #    are required and the parity tests run each behaviour on both
 #    implementations;
+#    then 300 seeded schedules of the Raft simulator (thousands on demand:
+#    `python -m objcache.raft.sim --seeds 5000`);
 # 2. the extension tests again with the twins forced (the selector path);
 # 3. a release build, and the micro-benchmarks once as a smoke run (ratios
 #    printed, not asserted: `make bench` asserts them).
 test: debug
 	OBJCACHE_REQUIRE_EXT=1 $(PYTEST) tests
+	$(VPY) -m objcache.raft.sim --seeds 300 --seed-start 100000
 	OBJCACHE_REQUIRE_EXT=0 OBJCACHE_NO_EXT=1 $(PYTEST) -q tests/ext
 	$(MAKE) build
 	OBJCACHE_REQUIRE_EXT=1 OBJCACHE_BENCH_STRICT=0 $(PYTEST) -q -s bench/micro
@@ -51,6 +54,7 @@ test: debug
 # Benchmarks with their acceptance ratios asserted (see bench/RESULTS.md).
 bench: build
 	OBJCACHE_REQUIRE_EXT=1 $(PYTEST) -s bench/micro --benchmark-enable
+	$(VPY) -m bench.macro.raft_commit
 
 demo: build
 	$(VENV)/bin/objcache demo
