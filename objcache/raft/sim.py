@@ -314,6 +314,19 @@ class Simulation:
             self.seq += 1
             self.net.append((self.now + delay, self.seq, m))
 
+    def drop_messages_to(self, node_id: int) -> None:
+        """A crashed node's inbound messages are gone; a snapshot stream to
+        it fails, which the sender's transport reports (as a lost SNAP)."""
+        kept = []
+        for at, seq, m in self.net:
+            if m.to != node_id:
+                kept.append((at, seq, m))
+            elif m.type == MsgType.SNAP and m.context != b"lost":
+                kept.append((at, seq, Message(MsgType.SNAP, to=m.to, frm=m.frm,
+                                              term=m.term, snapshot=m.snapshot,
+                                              context=b"lost")))
+        self.net = kept
+
     def connected(self, a: int, b: int) -> bool:
         if self.partition is None:
             return True
@@ -471,7 +484,7 @@ class Simulation:
                     n.crash()
             else:
                 n.crash()
-            self.net = [x for x in self.net if x[2].to != n.id]
+            self.drop_messages_to(n.id)
         elif r < 0.262 and down:
             n = self.rng.choice(down)
             n.restart()
