@@ -1,0 +1,397 @@
+"""A group's replicated metadata state machine.
+
+Every change is a log entry applied here, deterministically, on every
+replica. Entries (msgpack arrays):
+
+  ["tx", txn, ops]                         single-group transaction: all or nothing
+  ["prep", txn, coordinator, ops, deadline] 2PC prepare: check, lock, vote
+  ["decide", txn, commit]                  2PC outcome at a participant
+  ["coord", txn, commit, participants]     the coordinator's decision record
+  ["abort_undecided", txn]                 coordinator: abort unless decided
+  ["forget", txn]                          coordinator: decision acknowledged by all
+  ["listing", dir, names, complete, at]    merge a bucket listing page (lazy entries)
+
+An *op* is a precondition plus an effect on records this group owns:
+
+  ["mkentry", dir, name, child, kind, expect]  name absent (expect None) or bound to
+                                               `expect` (replace); binds it to child
+  ["rmentry", dir, name, expect]               name bound to `expect`; unbinds it
+  ["mkinode", inode_wire, s3_prefix, listed]   id unused; creates it (and, for a
+                                               directory, its entries record: a new
+                                               directory is `listed` (empty, known);
+                                               one found in the bucket is not)
+  ["setattr", id, fields]                      inode exists; sets fields
+  ["nlink", id, delta, ctime]                  inode exists; a file whose count
+                                               reaches 0 is deleted
+  ["rmdir", id]                                directory exists, listed, empty;
+                                               deletes it
+  ["isdir_empty", id]                          precondition only
+  ["flush", id, size, chunks, drop_from, mtime] publish written data: new size,
+                                               chunk versions, chunks >= drop_from gone
+  ["alloc", counter]                           inode counter high-water mark
+  ["uploaded", id, version, s3_wire]           write-back finished
+
+Invariants:
+* An op touches only records of this group (the proposer checks the ring).
+* A key locked by a prepared transaction is not changed by anything else
+  until that transaction is decided; ops on it fail with EAGAIN (the
+  caller waits for the decision and retries) — so no reader or writer ever
+  sees half of a multi-group transaction.
+* Results are data (errno or values), never exceptions: a failed
+  precondition is a normal outcome that every replica computes alike.
+"""
+from __future__ import annotations
+
+import errno
+
+import msgpack
+
+from .model import Directory, Entry, Inode, Kind, S3State
+
+Result = list     # ["ok", ...] | ["err", errno, message]
+
+
+def ok(*values) -> Result:
+    return ["ok", *values]
+
+
+def err(code: int, message: str) -> Result:
+    return ["err", code, message]
+
+
+class OpError(Exception):
+    """A failed precondition while applying (turned into a result)."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _key_entry(d: int, name: bytes) -> tuple:
+    return ("e", d, bytes(name))
+
+
+def _key_inode(i: int) -> tuple:
+    return ("i", i)
+
+
+def op_keys(op: list) -> list[tuple]:
+    """The lock keys an op changes or depends on."""
+    kind = op[0]
+    if kind in ("mkentry", "rmentry"):
+        keys = [_key_entry(op[1], op[2])]
+        if kind == "mkentry":
+            keys.append(_key_inode(op[1]))          # the directory must not be going away
+        return keys
+    if kind == "mkinode":
+        return [_key_inode(op[1][0])]
+    if kind in ("setattr", "nlink", "rmdir", "isdir_empty", "flush", "uploaded"):
+        return [_key_inode(op[1])]
+    if kind == "alloc":
+        return []
+    raise OpError(errno.EINVAL, f"unknown op {kind!r}")
+
+
+class GroupState:
+    """The replicated state of one group (its metadata shard)."""
+
+    def __init__(self, group_id: int):
+        self.group_id = group_id
+        self.inodes: dict[int, Inode] = {}
+        self.dirs: dict[int, Directory] = {}
+        self.counter = 0                            # inode ids allocated so far
+        self.locks: dict[tuple, bytes] = {}         # lock key -> txn id
+        self.dir_entry_locks: dict[int, int] = {}   # dir -> entry locks held in it
+        self.prepared: dict[bytes, list] = {}       # txn -> [coordinator, ops, deadline]
+        self.decisions: dict[bytes, list] = {}      # txn -> [commit, participants]
+        self.applied_index = 0
+
+    # ------------------------------------------------------------ state machine API
+
+    def apply_data(self, data: bytes, index: int) -> Result:
+        self.applied_index = index
+        try:
+            cmd = msgpack.unpackb(data, use_list=True)
+        except Exception as exc:  # noqa: BLE001 - a corrupt command must not stop the group
+            return err(errno.EINVAL, f"undecodable command: {exc}")
+        if not isinstance(cmd, list) or not cmd or not isinstance(cmd[0], str):
+            return err(errno.EINVAL, "malformed command")
+        handler = getattr(self, "_cmd_" + cmd[0], None)
+        if handler is None:
+            return err(errno.EINVAL, f"unknown command {cmd[0]!r}")
+        try:
+            return handler(*cmd[1:])
+        except OpError as exc:
+            return err(exc.code, str(exc))
+        except (TypeError, ValueError, KeyError, IndexError) as exc:
+            return err(errno.EINVAL, f"malformed {cmd[0]}: {exc!r}")
+
+    def snapshot(self) -> bytes:
+        return msgpack.packb({
+            "g": self.group_id,
+            "inodes": [i.to_wire() for i in self.inodes.values()],
+            "dirs": [(d, x.to_wire()) for d, x in self.dirs.items()],
+            "counter": self.counter,
+            "locks": [(list(k), t) for k, t in self.locks.items()],
+            "prepared": list(self.prepared.items()),
+            "decisions": list(self.decisions.items()),
+            "applied": self.applied_index,
+        })
+
+    def restore(self, data: bytes) -> None:
+        s = msgpack.unpackb(data, strict_map_key=False)
+        self.group_id = s["g"]
+        self.inodes = {w[0]: Inode.from_wire(w) for w in s["inodes"]}
+        self.dirs = {d: Directory.from_wire(w) for d, w in s["dirs"]}
+        self.counter = s["counter"]
+        self.locks = {}
+        self.dir_entry_locks = {}
+        for k, t in s["locks"]:
+            self._lock(tuple(k if k[0] == "i" else (k[0], k[1], bytes(k[2]))), bytes(t))
+        self.prepared = {bytes(t): p for t, p in s["prepared"]}
+        self.decisions = {bytes(t): d for t, d in s["decisions"]}
+        self.applied_index = s["applied"]
+
+    # ------------------------------------------------------------ commands
+
+    def _cmd_tx(self, txn, ops) -> Result:
+        txn = bytes(txn)
+        self._check_unlocked(txn, ops)
+        self._check_all(ops)
+        return ok([self._apply(op) for op in ops])
+
+    def _cmd_prep(self, txn, coordinator, ops, deadline) -> Result:
+        txn = bytes(txn)
+        if txn in self.prepared:
+            return ok("prepared")                   # a retried prepare
+        self._check_unlocked(txn, ops)
+        self._check_all(ops)
+        for op in ops:
+            for k in op_keys(op):
+                self._lock(k, txn)
+        self.prepared[txn] = [coordinator, ops, deadline]
+        return ok("prepared")
+
+    def _cmd_decide(self, txn, commit) -> Result:
+        txn = bytes(txn)
+        prep = self.prepared.pop(txn, None)
+        if prep is None:
+            return ok("unknown")                    # already decided (retry) or never prepared
+        ops = prep[1]
+        for op in ops:
+            for k in op_keys(op):
+                self._unlock(k, txn)
+        if not commit:
+            return ok("aborted")
+        # The preconditions were checked at prepare time and the keys stayed
+        # locked since: the effects apply unconditionally.
+        return ok([self._apply(op) for op in ops])
+
+    def _cmd_coord(self, txn, commit, participants) -> Result:
+        txn = bytes(txn)
+        if txn in self.decisions:
+            return ok(self.decisions[txn][0])       # the first decision stands
+        self.decisions[txn] = [bool(commit), participants]
+        return ok(bool(commit))
+
+    def _cmd_abort_undecided(self, txn) -> Result:
+        txn = bytes(txn)
+        if txn not in self.decisions:
+            self.decisions[txn] = [False, []]
+        return ok(self.decisions[txn][0])
+
+    def _cmd_forget(self, txn) -> Result:
+        self.decisions.pop(bytes(txn), None)
+        return ok()
+
+    def _cmd_listing(self, d, names, complete, at) -> Result:
+        """Merge one page of a bucket listing into directory ``d``: names
+        not known locally become lazy entries; with ``complete`` (the last
+        page), lazy entries the listing no longer has are dropped. Entries
+        with an inode (looked up, created or changed locally) are kept."""
+        dr = self.dirs.get(d)
+        if dr is None:
+            raise OpError(errno.ENOENT, f"directory {d} is not here")
+        seen = set()
+        for name, kind, info in names:
+            name = bytes(name)
+            seen.add(name)
+            if _key_entry(d, name) in self.locks:
+                continue                            # a transaction owns it now
+            cur = dr.entries.get(name)
+            if cur is None or cur.child == 0:
+                dr.entries[name] = Entry(0, Kind(kind), info)
+        if complete:
+            for name in [n for n, e in dr.entries.items()
+                         if e.child == 0 and n not in seen
+                         and _key_entry(d, n) not in self.locks]:
+                del dr.entries[name]
+            dr.listed = True
+            dr.listed_at = at
+        return ok(len(dr.entries))
+
+    # ------------------------------------------------------------ ops
+
+    def _check_unlocked(self, txn: bytes, ops) -> None:
+        for op in ops:
+            for k in op_keys(op):
+                holder = self.locks.get(k)
+                if holder is not None and holder != txn:
+                    raise OpError(errno.EAGAIN, f"{k} is locked by a transaction "
+                                                f"in progress")
+            if op[0] in ("rmdir", "isdir_empty") and self.dir_entry_locks.get(op[1]):
+                raise OpError(errno.EAGAIN, f"directory {op[1]} has entries being "
+                                            f"changed by a transaction")
+
+    def _check_all(self, ops) -> None:
+        """Check every precondition against the state as the ops before it
+        would leave it (ops of one transaction may depend on each other,
+        e.g. mkinode then mkentry)."""
+        created: set[int] = set()
+        removed: dict[tuple, int | None] = {}       # (dir, name) -> bound child after earlier ops
+        for op in ops:
+            kind = op[0]
+            if kind == "mkentry":
+                _, d, name, child, k, expect = op
+                if d not in self.dirs and d not in created:
+                    raise OpError(errno.ENOENT, f"directory {d} does not exist")
+                key = (d, bytes(name))
+                cur = removed[key] if key in removed else self._bound(d, bytes(name))
+                if expect is None and cur is not None:
+                    raise OpError(errno.EEXIST, f"{bytes(name)!r} exists")
+                if expect is not None and cur != expect:
+                    raise OpError(errno.ESTALE if cur else errno.ENOENT,
+                                  f"{bytes(name)!r} is not bound to {expect}")
+                removed[key] = child
+            elif kind == "rmentry":
+                _, d, name, expect = op
+                key = (d, bytes(name))
+                cur = removed[key] if key in removed else self._bound(d, bytes(name))
+                if cur is None:
+                    raise OpError(errno.ENOENT, f"{bytes(name)!r} does not exist")
+                if expect is not None and cur != expect:
+                    raise OpError(errno.ESTALE, f"{bytes(name)!r} is bound to {cur}, "
+                                                f"not {expect}")
+                removed[key] = None
+            elif kind == "mkinode":
+                if op[1][0] in self.inodes or op[1][0] in created:
+                    raise OpError(errno.EEXIST, f"inode {op[1][0]} exists")
+                created.add(op[1][0])
+            elif kind in ("setattr", "nlink", "flush", "uploaded"):
+                if op[1] not in self.inodes and op[1] not in created:
+                    raise OpError(errno.ENOENT, f"inode {op[1]} does not exist")
+            elif kind in ("rmdir", "isdir_empty"):
+                dr = self.dirs.get(op[1])
+                if dr is None:
+                    raise OpError(errno.ENOENT, f"directory {op[1]} does not exist")
+                if not dr.listed:
+                    raise OpError(errno.EAGAIN, f"directory {op[1]} is not listed yet")
+                names = [n for n in dr.entries if removed.get((op[1], n), 0) is not None]
+                if names:
+                    raise OpError(errno.ENOTEMPTY, f"directory {op[1]} is not empty")
+            elif kind == "alloc":
+                pass
+            else:
+                raise OpError(errno.EINVAL, f"unknown op {kind!r}")
+
+    def _bound(self, d: int, name: bytes) -> int | None:
+        """What ``name`` in ``d`` is bound to: a child id, -1 for a lazy
+        entry (exists in the bucket, no inode yet), None if absent."""
+        dr = self.dirs.get(d)
+        if dr is None:
+            return None
+        e = dr.entries.get(name)
+        if e is None:
+            return None
+        return e.child or -1
+
+    def _apply(self, op: list):
+        kind = op[0]
+        if kind == "mkentry":
+            _, d, name, child, k, _expect = op
+            self.dirs[d].entries[bytes(name)] = Entry(child, Kind(k))
+            return child
+        if kind == "rmentry":
+            _, d, name, _expect = op
+            self.dirs[d].entries.pop(bytes(name), None)
+            return None
+        if kind == "mkinode":
+            ino = Inode.from_wire(op[1])
+            self.inodes[ino.id] = ino
+            if ino.kind == Kind.DIR:
+                self.dirs[ino.id] = Directory(op[2], listed=op[3])
+            return ino.id
+        if kind == "setattr":
+            ino = self.inodes[op[1]]
+            for field, value in op[2].items():
+                if field not in _SETTABLE:
+                    raise OpError(errno.EINVAL, f"field {field!r} can't be set")
+                if field == "xattrs":
+                    value = {bytes(a): bytes(b) for a, b in value}
+                elif field in ("name", "target"):
+                    value = bytes(value)
+                setattr(ino, field, value)
+            return ino.to_wire()
+        if kind == "nlink":
+            ino = self.inodes[op[1]]
+            ino.nlink += op[2]
+            ino.ctime_ns = op[3]
+            if ino.nlink <= 0 and ino.kind != Kind.DIR:
+                del self.inodes[op[1]]
+                return 0
+            return ino.nlink
+        if kind in ("rmdir",):
+            self.inodes.pop(op[1], None)
+            self.dirs.pop(op[1], None)
+            return None
+        if kind == "isdir_empty":
+            return None
+        if kind == "flush":
+            _, i, size, chunks, drop_from, mtime = op
+            ino = self.inodes[i]
+            ino.size = size
+            if drop_from is not None:               # truncation: chunks past the end go
+                for index in [c for c in ino.chunks if c >= drop_from]:
+                    del ino.chunks[index]
+            for index, v in chunks:
+                ino.chunks[index] = v
+            ino.mtime_ns = ino.ctime_ns = mtime
+            ino.data_version += 1
+            return ino.data_version
+        if kind == "uploaded":
+            _, i, version, s3 = op
+            ino = self.inodes[i]
+            ino.uploaded_version = max(ino.uploaded_version, version)
+            ino.s3 = S3State.from_wire(s3)
+            return ino.uploaded_version
+        if kind == "alloc":
+            self.counter = max(self.counter, op[1])
+            return self.counter
+        raise OpError(errno.EINVAL, f"unknown op {kind!r}")
+
+    # ------------------------------------------------------------ locks
+
+    def _lock(self, k: tuple, txn: bytes) -> None:
+        if k in self.locks:
+            return
+        self.locks[k] = txn
+        if k[0] == "e":
+            self.dir_entry_locks[k[1]] = self.dir_entry_locks.get(k[1], 0) + 1
+
+    def _unlock(self, k: tuple, txn: bytes) -> None:
+        if self.locks.get(k) != txn:
+            return
+        del self.locks[k]
+        if k[0] == "e":
+            n = self.dir_entry_locks.get(k[1], 0) - 1
+            if n > 0:
+                self.dir_entry_locks[k[1]] = n
+            else:
+                self.dir_entry_locks.pop(k[1], None)
+
+    def locked(self, k: tuple) -> bytes | None:
+        return self.locks.get(k)
+
+
+_SETTABLE = frozenset({"mode", "uid", "gid", "size", "mtime_ns", "ctime_ns", "atime_ns",
+                       "parent", "name", "target", "xattrs", "chunks"})
