@@ -108,6 +108,10 @@ class GroupState:
 
     # ------------------------------------------------------------ state machine API
 
+    def apply(self, entry) -> Result:
+        """RaftGroup's StateMachine.apply."""
+        return self.apply_data(entry.data, entry.index)
+
     def apply_data(self, data: bytes, index: int) -> Result:
         self.applied_index = index
         try:
