@@ -9,7 +9,8 @@ replica. Entries (msgpack arrays):
   ["coord", txn, commit, participants]     the coordinator's decision record
   ["abort_undecided", txn]                 coordinator: abort unless decided
   ["forget", txn]                          coordinator: decision acknowledged by all
-  ["listing", dir, names, complete, at]    merge a bucket listing page (lazy entries)
+  ["listing", dir, gen, names, complete, at]  merge a bucket listing page (lazy entries)
+  ["reserve", n]                           reserve n inode counters (returns the range)
 
 An *op* is a precondition plus an effect on records this group owns:
 
@@ -30,6 +31,7 @@ An *op* is a precondition plus an effect on records this group owns:
                                                chunk versions, chunks >= drop_from gone
   ["alloc", counter]                           inode counter high-water mark
   ["uploaded", id, version, s3_wire]           write-back finished
+  ["tombstone", key, etag] / ["untomb", key, etag]  bucket keys to delete / deleted
 
 Invariants:
 * An op touches only records of this group (the proposer checks the ring).
@@ -87,7 +89,7 @@ def op_keys(op: list) -> list[tuple]:
         return [_key_inode(op[1][0])]
     if kind in ("setattr", "nlink", "rmdir", "isdir_empty", "flush", "uploaded"):
         return [_key_inode(op[1])]
-    if kind == "alloc":
+    if kind in ("alloc", "tombstone", "untomb"):
         return []
     raise OpError(errno.EINVAL, f"unknown op {kind!r}")
 
@@ -104,6 +106,10 @@ class GroupState:
         self.dir_entry_locks: dict[int, int] = {}   # dir -> entry locks held in it
         self.prepared: dict[bytes, list] = {}       # txn -> [coordinator, ops, deadline]
         self.decisions: dict[bytes, list] = {}      # txn -> [commit, participants]
+        # Bucket keys whose objects must be deleted by write-back (removed
+        # files, the old key of a renamed file, removed directory markers):
+        # key -> the ETag seen ("" = whatever is there).
+        self.tombstones: dict[str, str] = {}
         self.applied_index = 0
 
     # ------------------------------------------------------------ state machine API
@@ -139,6 +145,7 @@ class GroupState:
             "locks": [(list(k), t) for k, t in self.locks.items()],
             "prepared": list(self.prepared.items()),
             "decisions": list(self.decisions.items()),
+            "tombstones": list(self.tombstones.items()),
             "applied": self.applied_index,
         })
 
@@ -154,6 +161,7 @@ class GroupState:
             self._lock(tuple(k if k[0] == "i" else (k[0], k[1], bytes(k[2]))), bytes(t))
         self.prepared = {bytes(t): p for t, p in s["prepared"]}
         self.decisions = {bytes(t): d for t, d in s["decisions"]}
+        self.tombstones = dict(s["tombstones"])
         self.applied_index = s["applied"]
 
     # ------------------------------------------------------------ commands
@@ -208,31 +216,40 @@ class GroupState:
         self.decisions.pop(bytes(txn), None)
         return ok()
 
-    def _cmd_listing(self, d, names, complete, at) -> Result:
-        """Merge one page of a bucket listing into directory ``d``: names
-        not known locally become lazy entries; with ``complete`` (the last
-        page), lazy entries the listing no longer has are dropped. Entries
-        with an inode (looked up, created or changed locally) are kept."""
+    def _cmd_listing(self, d, gen, names, complete, at) -> Result:
+        """Merge one page of listing generation ``gen`` into directory
+        ``d``: names not known locally become lazy entries (info =
+        [gen, size, etag, mtime] for files, [gen] for directories); with
+        ``complete`` (after the last page), lazy entries this generation did
+        not see are dropped. Entries with an inode (looked up, created or
+        changed locally) are kept."""
         dr = self.dirs.get(d)
         if dr is None:
             raise OpError(errno.ENOENT, f"directory {d} is not here")
-        seen = set()
         for name, kind, info in names:
             name = bytes(name)
-            seen.add(name)
             if _key_entry(d, name) in self.locks:
                 continue                            # a transaction owns it now
             cur = dr.entries.get(name)
             if cur is None or cur.child == 0:
-                dr.entries[name] = Entry(0, Kind(kind), info)
+                dr.entries[name] = Entry(0, Kind(kind), [gen] + list(info or []))
         if complete:
             for name in [n for n, e in dr.entries.items()
-                         if e.child == 0 and n not in seen
+                         if e.child == 0 and e.info and e.info[0] != gen
                          and _key_entry(d, n) not in self.locks]:
                 del dr.entries[name]
             dr.listed = True
             dr.listed_at = at
         return ok(len(dr.entries))
+
+    def _cmd_reserve(self, n) -> Result:
+        """Reserve ``n`` inode counters; returns the first and last. Each
+        caller gets its own range (ids are never handed out twice)."""
+        if not isinstance(n, int) or not 0 < n <= 1 << 20:
+            raise OpError(errno.EINVAL, f"bad reservation size {n!r}")
+        first = self.counter + 1
+        self.counter += n
+        return ok(first, self.counter)
 
     # ------------------------------------------------------------ ops
 
@@ -293,7 +310,7 @@ class GroupState:
                 names = [n for n in dr.entries if removed.get((op[1], n), 0) is not None]
                 if names:
                     raise OpError(errno.ENOTEMPTY, f"directory {op[1]} is not empty")
-            elif kind == "alloc":
+            elif kind in ("alloc", "tombstone", "untomb"):
                 pass
             else:
                 raise OpError(errno.EINVAL, f"unknown op {kind!r}")
@@ -342,11 +359,22 @@ class GroupState:
             ino.ctime_ns = op[3]
             if ino.nlink <= 0 and ino.kind != Kind.DIR:
                 del self.inodes[op[1]]
+                if ino.s3 is not None:
+                    self.tombstones[ino.s3.key] = ino.s3.etag
                 return 0
             return ino.nlink
-        if kind in ("rmdir",):
+        if kind == "rmdir":
             self.inodes.pop(op[1], None)
-            self.dirs.pop(op[1], None)
+            dr = self.dirs.pop(op[1], None)
+            if dr is not None and dr.s3_prefix:
+                self.tombstones[dr.s3_prefix] = ""  # the marker, if there is one
+            return None
+        if kind == "tombstone":
+            self.tombstones[op[1]] = op[2]
+            return None
+        if kind == "untomb":
+            if self.tombstones.get(op[1]) == op[2]:
+                del self.tombstones[op[1]]
             return None
         if kind == "isdir_empty":
             return None

@@ -80,6 +80,12 @@ class LocalCluster:
                 await self.stop_replica(g, node)
 
     # GroupRouter
+    async def read(self, group: int, request: list, timeout: float | None = 5.0) -> list:
+        from objcache.meta.reads import serve
+        rg = await self.leader(group, timeout or 5.0)
+        await rg.read_barrier(timeout)
+        return serve(rg.sm, request)
+
     async def propose(self, group: int, command: list, timeout: float | None = 5.0) -> list:
         loop = asyncio.get_running_loop()
         end = loop.time() + (timeout or 30)

@@ -82,7 +82,7 @@ def test_prepare_locks_until_decided():
     assert cmd(s, "tx", b"Y", [["rmentry", ROOT, b"a", 10]])[:2] == ["err", errno.EAGAIN]
     assert cmd(s, "tx", b"Z", [["isdir_empty", ROOT]])[:2] == ["err", errno.EAGAIN]
     # ...and a listing doesn't resurrect or drop it.
-    cmd(s, "listing", ROOT, [], True, 1.0)
+    cmd(s, "listing", ROOT, 1, [], True, 1.0)
     assert b"a" in s.dirs[ROOT].entries
     # Abort: nothing happened, lock released.
     assert cmd(s, "decide", b"X", False) == ["ok", "aborted"]
@@ -114,11 +114,11 @@ def test_listing_merges_lazily():
     s = root_state()
     s.dirs[ROOT].listed = False                 # a bucket's root starts unlisted
     create(s, b"local", 10)
-    cmd(s, "listing", ROOT, [[b"a", 1, [5, "e1", 1.0]], [b"d", 2, None]], False, 0)
+    cmd(s, "listing", ROOT, 1, [[b"a", 1, [5, "e1", 1.0]], [b"d", 2, None]], False, 0)
     ents = s.dirs[ROOT].entries
     assert ents[b"a"].child == 0 and ents[b"d"].kind == Kind.DIR
     assert not s.dirs[ROOT].listed
-    cmd(s, "listing", ROOT, [[b"d", 2, None]], True, 2.0)     # last page: "a" is gone
+    cmd(s, "listing", ROOT, 2, [[b"d", 2, None]], True, 2.0)  # generation 2: "a" is gone
     assert set(ents) == {b"local", b"d"} and s.dirs[ROOT].listed
     # Creating over a lazy entry requires expecting it (-1 = lazy).
     r = cmd(s, "tx", b"m", [["mkinode", Inode(40, Kind.DIR, 0o755, 0, 0).to_wire(), "d/", False],
@@ -146,3 +146,11 @@ def test_malformed_commands_are_results_not_crashes(data):
     s = root_state()
     r = s.apply_data(data, 99)
     assert r[0] == "err" and r[1] == errno.EINVAL
+
+
+def test_reserve_hands_out_disjoint_ranges():
+    s = root_state()
+    a = cmd(s, "reserve", 100)
+    b = cmd(s, "reserve", 50)
+    assert a == ["ok", 1, 100] and b == ["ok", 101, 150]
+    assert cmd(s, "reserve", 0)[:2] == ["err", errno.EINVAL]
