@@ -19,6 +19,7 @@ import stat
 
 ROOT = 1                    # the root directory's inode id
 GROUP_SHIFT = 40
+EPOCH_SHIFT = 32            # chunk versions: epoch << 32 | local write count
 
 
 class Kind(enum.IntEnum):
@@ -61,14 +62,16 @@ class S3State:
 class Inode:
     __slots__ = ("id", "kind", "mode", "uid", "gid", "size", "mtime_ns",
                  "ctime_ns", "atime_ns", "nlink", "parent", "name", "target",
-                 "s3", "chunks", "data_version", "uploaded_version", "xattrs")
+                 "s3", "chunks", "data_version", "uploaded_version", "xattrs",
+                 "epoch")
 
     def __init__(self, id: int, kind: Kind, mode: int, uid: int, gid: int, *,
                  size: int = 0, mtime_ns: int = 0, ctime_ns: int | None = None,
                  atime_ns: int | None = None, nlink: int = 1, parent: int = 0,
                  name: bytes = b"", target: bytes = b"", s3: S3State | None = None,
                  chunks: dict[int, int] | None = None, data_version: int = 0,
-                 uploaded_version: int = 0, xattrs: dict[bytes, bytes] | None = None):
+                 uploaded_version: int = 0, xattrs: dict[bytes, bytes] | None = None,
+                 epoch: int = 0):
         self.id = id
         self.kind = Kind(kind)
         self.mode = mode & 0o7777           # permission bits only; type from kind
@@ -87,6 +90,18 @@ class Inode:
         self.data_version = data_version    # bumped by every published change
         self.uploaded_version = uploaded_version  # the version S3 holds
         self.xattrs: dict[bytes, bytes] = dict(xattrs or {})
+        # Bumped whenever the bucket's object changed behind objcache's back
+        # (a new ETag at open): chunk versions of an epoch start at
+        # epoch << EPOCH_SHIFT, so cached chunks of an older epoch can never
+        # be mistaken for current ones.
+        self.epoch = epoch
+
+    def base_version(self) -> int:
+        """The chunk version meaning "the bucket's content" in this epoch."""
+        return self.epoch << EPOCH_SHIFT
+
+    def chunk_version(self, index: int) -> int:
+        return self.chunks.get(index, self.base_version())
 
     @property
     def dirty(self) -> bool:
@@ -102,18 +117,18 @@ class Inode:
                 self.mtime_ns, self.ctime_ns, self.atime_ns, self.nlink, self.parent,
                 self.name, self.target, self.s3.to_wire() if self.s3 else None,
                 list(self.chunks.items()), self.data_version, self.uploaded_version,
-                list(self.xattrs.items())]
+                list(self.xattrs.items()), self.epoch]
 
     @classmethod
     def from_wire(cls, w) -> "Inode":
         (id_, kind, mode, uid, gid, size, mtime, ctime, atime, nlink, parent, name,
-         target, s3, chunks, dv, uv, xattrs) = w
+         target, s3, chunks, dv, uv, xattrs, epoch) = w
         return cls(id_, Kind(kind), mode, uid, gid, size=size, mtime_ns=mtime,
                    ctime_ns=ctime, atime_ns=atime, nlink=nlink, parent=parent,
                    name=bytes(name), target=bytes(target),
                    s3=S3State.from_wire(s3) if s3 is not None else None,
                    chunks=dict(chunks), data_version=dv, uploaded_version=uv,
-                   xattrs={bytes(k): bytes(v) for k, v in xattrs})
+                   xattrs={bytes(k): bytes(v) for k, v in xattrs}, epoch=epoch)
 
     def copy(self) -> "Inode":
         return Inode.from_wire(self.to_wire())

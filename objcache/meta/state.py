@@ -11,6 +11,10 @@ replica. Entries (msgpack arrays):
   ["forget", txn]                          coordinator: decision acknowledged by all
   ["listing", dir, gen, names, complete, at]  merge a bucket listing page (lazy entries)
   ["reserve", n]                           reserve n inode counters (returns the range)
+  ["cwrite", ino, idx, off, data, size, eb]  a write into an owned chunk (new version)
+  ["cbase", ino, idx, data, eb]            the bucket's chunk content as a local base
+  ["cdrop", ino, from_idx]                 forget local chunk versions
+  ["cclean", ino, idx, version]            that version is in the bucket now
 
 An *op* is a precondition plus an effect on records this group owns:
 
@@ -110,6 +114,10 @@ class GroupState:
         # files, the old key of a renamed file, removed directory markers):
         # key -> the ETag seen ("" = whatever is there).
         self.tombstones: dict[str, str] = {}
+        # Chunks this group owns that have local versions (written through
+        # objcache): (inode, index) -> [version, length]. Version 0 — no
+        # record — means "the bucket's content at the inode's ETag".
+        self.chunks: dict[tuple[int, int], list[int]] = {}
         self.applied_index = 0
 
     # ------------------------------------------------------------ state machine API
@@ -119,11 +127,16 @@ class GroupState:
         return self.apply_data(entry.data, entry.index)
 
     def apply_data(self, data: bytes, index: int) -> Result:
-        self.applied_index = index
         try:
             cmd = msgpack.unpackb(data, use_list=True)
         except Exception as exc:  # noqa: BLE001 - a corrupt command must not stop the group
+            self.applied_index = index
             return err(errno.EINVAL, f"undecodable command: {exc}")
+        return self.apply_command(cmd, index)
+
+    def apply_command(self, cmd, index: int) -> Result:
+        """Apply a decoded command (see the module docstring)."""
+        self.applied_index = index
         if not isinstance(cmd, list) or not cmd or not isinstance(cmd[0], str):
             return err(errno.EINVAL, "malformed command")
         handler = getattr(self, "_cmd_" + cmd[0], None)
@@ -146,6 +159,7 @@ class GroupState:
             "prepared": list(self.prepared.items()),
             "decisions": list(self.decisions.items()),
             "tombstones": list(self.tombstones.items()),
+            "chunks": [[i, c, v, n] for (i, c), (v, n) in self.chunks.items()],
             "applied": self.applied_index,
         })
 
@@ -162,6 +176,7 @@ class GroupState:
         self.prepared = {bytes(t): p for t, p in s["prepared"]}
         self.decisions = {bytes(t): d for t, d in s["decisions"]}
         self.tombstones = dict(s["tombstones"])
+        self.chunks = {(i, c): [v, n] for i, c, v, n in s["chunks"]}
         self.applied_index = s["applied"]
 
     # ------------------------------------------------------------ commands
@@ -241,6 +256,48 @@ class GroupState:
             dr.listed = True
             dr.listed_at = at
         return ok(len(dr.entries))
+
+    # ------------------------------------------------------------ chunk records
+    # The data itself lives in the node's chunk cache; engine/machine.py
+    # performs these commands' effects on it, using what they return.
+
+    def _cmd_cwrite(self, inode, index, offset, data, chunk_size, epoch_base) -> Result:
+        """A write into a chunk: the new version is the next one after the
+        local one (or after ``epoch_base``, the inode's "bucket content"
+        version, for a chunk never written here); returns [version, base
+        version (0: none), new length]. A partial write over bucket content
+        needs a local base: the leader ships it first with cbase."""
+        cur = self.chunks.get((inode, index))
+        if cur is not None and cur[0] < epoch_base:
+            cur = None                              # an older epoch: stale
+        base_v, base_len = cur if cur else (0, 0)
+        prev = base_v or epoch_base
+        if offset < 0 or offset + len(data) > chunk_size:
+            raise OpError(errno.EINVAL, "write outside the chunk")
+        length = max(base_len, offset + len(data))
+        self.chunks[(inode, index)] = [prev + 1, length]
+        return ok(prev + 1, base_v, length)
+
+    def _cmd_cbase(self, inode, index, data, epoch_base) -> Result:
+        """The bucket's content of a chunk, shipped once so that later
+        partial writes have a local base. Returns [version, length]."""
+        cur = self.chunks.get((inode, index))
+        if cur is not None and cur[0] >= epoch_base:
+            return ok(cur[0], cur[1], False)        # a local base exists already
+        self.chunks[(inode, index)] = [epoch_base + 1, len(data)]
+        return ok(epoch_base + 1, len(data), True)
+
+    def _cmd_cclean(self, inode, index, version) -> Result:
+        """Write-back stored chunk ``version`` in the bucket: the node may
+        evict it (the bucket can give it back)."""
+        return ok()
+
+    def _cmd_cdrop(self, inode, from_index) -> Result:
+        """Forget local versions of chunks >= from_index (truncate/unlink)."""
+        dropped = [c for (i, c) in self.chunks if i == inode and c >= from_index]
+        for c in dropped:
+            del self.chunks[(inode, c)]
+        return ok(dropped)
 
     def _cmd_reserve(self, n) -> Result:
         """Reserve ``n`` inode counters; returns the first and last. Each
@@ -386,7 +443,10 @@ class GroupState:
                 for index in [c for c in ino.chunks if c >= drop_from]:
                     del ino.chunks[index]
             for index, v in chunks:
-                ino.chunks[index] = v
+                # Concurrent flushes of one file may arrive in any order: a
+                # chunk never goes back to an older version.
+                if v > ino.chunks.get(index, -1):
+                    ino.chunks[index] = v
             ino.mtime_ns = ino.ctime_ns = mtime
             ino.data_version += 1
             return ino.data_version

@@ -14,8 +14,10 @@ Ordering inside a cycle (the Ready contract, core.py / types.Ready):
   2. transport.send(messages)                      -- only now
   3. state machine: restore snapshot, apply committed entries
   4. core.advance(rd)
-Safe awaits: only storage.save() in step 1. Sending and applying are
-synchronous, so no input can interleave with them.
+Safe awaits: storage.save() in step 1, and an asynchronous
+``StateMachine.apply`` in step 3 (a state machine with I/O side effects,
+e.g. writing chunk data into the cache). Inputs arriving during either
+only queue; the core is not touched until the cycle ends.
 
 A storage failure (fsync error, ENOSPC on the log) is fatal for the replica:
 after a failed fsync the page cache state is unknown, so the group stops,
@@ -24,6 +26,7 @@ fails every waiter with the error, and the node must restart from disk.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import logging
 import os
@@ -46,7 +49,8 @@ class StateMachine(Protocol):
 
     def apply(self, entry: Entry) -> Any:
         """Apply one committed NORMAL entry (empty data: a leader's no-op,
-        skip it). The return value is handed to the proposer."""
+        skip it). The return value (or, if it returns an awaitable, what
+        that resolves to) is handed to the proposer."""
 
     def snapshot(self) -> bytes:
         """The whole state as of the last applied entry."""
@@ -373,6 +377,12 @@ class RaftGroup:
             result = None
             if e.type == EntryType.NORMAL and len(e.data):
                 result = self.sm.apply(e)
+                if inspect.isawaitable(result):
+                    # A state machine with side effects (writing a chunk to
+                    # the cache) may apply asynchronously. Still inside the
+                    # cycle: nothing else reaches the core meanwhile, and
+                    # entries apply strictly in order.
+                    result = await result
             self.applied = e.index
             w = self._waiting.pop(e.index, None)
             if w is not None and not w.future.done():

@@ -20,8 +20,14 @@ FAST = GroupOptions(tick_seconds=0.01, election_ticks=10, snapshot_entries=200)
 
 
 class LocalCluster:
-    def __init__(self, groups: int = 3, replicas: int = 1, options: GroupOptions = FAST):
+    def __init__(self, groups: int = 3, replicas: int = 1, options: GroupOptions = FAST,
+                 machine_factory=None, on_start=None):
         self.net = LocalNetwork()
+        # machine_factory(group, node) -> state machine (default: GroupState);
+        # on_start(group, node, raft_group) -> services for that replica.
+        self.machine_factory = machine_factory or (lambda g, node: GroupState(g))
+        self.on_start = on_start
+        self.services: dict[tuple[int, int], object] = {}
         self.options = options
         self.replicas = replicas
         self.groups: dict[int, dict[int, RaftGroup]] = {}
@@ -44,12 +50,19 @@ class LocalCluster:
 
     async def restart(self, g: int, node: int) -> RaftGroup:
         conf = ConfState(frozenset(self._node_id(g, r) for r in range(1, self.replicas + 1)))
-        rg = RaftGroup(g, node, self.storages[(g, node)], GroupState(g),
+        rg = RaftGroup(g, node, self.storages[(g, node)], self.machine_factory(g, node),
                        self.net.transport(node), self.options, bootstrap=conf)
         self.net.register(rg)
         self.groups[g][node] = rg
         await rg.start()
+        if self.on_start is not None:
+            self.services[(g, node)] = self.on_start(g, node, rg)
         return rg
+
+    async def service(self, g: int):
+        """The service object of group ``g``'s current leader."""
+        rg = await self.leader(g)
+        return self.services[(g, rg.node_id)]
 
     async def stop_replica(self, g: int, node: int) -> None:
         rg = self.groups[g].pop(node)
@@ -71,8 +84,8 @@ class LocalCluster:
         """The leader's state (for assertions; call after a read barrier)."""
         for rg in self.groups[g].values():
             if rg.is_leader:
-                return rg.sm
-        return next(iter(self.groups[g].values())).sm
+                return _state(rg.sm)
+        return _state(next(iter(self.groups[g].values())).sm)
 
     async def close(self) -> None:
         for g in list(self.groups):
@@ -84,7 +97,7 @@ class LocalCluster:
         from objcache.meta.reads import serve
         rg = await self.leader(group, timeout or 5.0)
         await rg.read_barrier(timeout)
-        return serve(rg.sm, request)
+        return serve(_state(rg.sm), request)
 
     async def propose(self, group: int, command: list, timeout: float | None = 5.0) -> list:
         loop = asyncio.get_running_loop()
@@ -98,3 +111,7 @@ class LocalCluster:
                 if loop.time() > end:
                     raise
                 await asyncio.sleep(0.005)
+
+
+def _state(sm) -> GroupState:
+    return getattr(sm, "state", sm)

@@ -1,0 +1,233 @@
+"""The data path: chunk reads and writes at their owners, and the client
+side that splits file I/O into chunks.
+
+Owner side (``ChunkService``, on the leader of the group owning a chunk):
+
+* read(version): from the node's cache (memory, then disk); on a miss, the
+  bucket — a ranged GET straight into a cache page, with If-Match on the
+  inode's ETag — but only for versions the bucket holds (the epoch's base
+  version, or any version of an inode whose data is all uploaded). The
+  cache single-flights loads, and only the owner loads a chunk, so
+  concurrent misses anywhere in the cluster cost ONE GET per chunk.
+  Sequential readers get readahead of the next chunks.
+* write(offset, data): one Raft entry in the owner's group (``cwrite``) —
+  durable in the cluster when it returns; a partial write over a chunk
+  only the bucket has first ships the bucket's content as the base
+  (``cbase``).
+
+Client side (``DataClient``): splits reads and writes at chunk boundaries,
+calls the owners concurrently, and publishes writes with a flush
+transaction at the inode's group (new size + chunk versions: ``flush``).
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import time
+
+import msgpack
+
+from objcache.backend.base import PreconditionFailed
+from objcache.meta.model import Inode
+from objcache.raft.types import NotLeader
+from objcache.txn.coordinator import new_txn_id
+
+DEFAULT_CHUNK = 8 << 20
+
+
+class ChunkService:
+    """Serves the chunks of one group on this node (its leader)."""
+
+    def __init__(self, group, store, chunk_size: int, *, readahead: int = 4):
+        self.group = group                          # RaftGroup running a GroupMachine
+        self.store = store
+        self.chunk_size = chunk_size
+        self.readahead = readahead
+
+    @property
+    def machine(self):
+        return self.group.sm
+
+    def _loader(self, key: str, etag: str, start: int, length: int):
+        async def load(into):
+            try:
+                return await self.store.get_range(key, start, length, into=into,
+                                                  if_match=etag)
+            except PreconditionFailed:
+                raise OSError(errno.ESTALE, f"{key!r} changed in the bucket "
+                                            f"(ETag is no longer {etag})") from None
+        return load
+
+    async def read(self, inode: int, index: int, version: int, *, s3: list | None,
+                   from_bucket: bool, size: int, ahead: list | None = None):
+        """A pinned view of chunk ``index`` at ``version``. ``s3`` =
+        [key, etag] of the object holding the inode's uploaded data;
+        ``from_bucket``: the bucket holds this version (may load from it);
+        ``size``: the file's size (bounds the range); ``ahead``: the next
+        [index, version] pairs to read ahead."""
+        if not self.group.is_leader:
+            raise NotLeader(self.group.leader)
+        cache = self.machine.cache
+        cs = self.chunk_size
+        start = index * cs
+        length = max(0, min(cs, size - start))
+
+        def loader_for(i, v):
+            if not from_bucket or s3 is None:
+                return None                         # must be local (dirty chunks are pinned)
+            st = i * cs
+            return self._loader(s3[0], s3[1], st, max(0, min(cs, size - st)))
+
+        if length == 0 and version == 0:
+            return None
+        ra = [((inode, i), v, loader_for(i, v)) for i, v in (ahead or [])
+              if loader_for(i, v) is not None]
+        loader = loader_for(index, version)
+        try:
+            return await cache.read((inode, index), version, loader, readahead=ra)
+        except LookupError:
+            raise OSError(errno.ESTALE, f"chunk {index} v{version} of inode {inode} "
+                                        f"is not here and not in the bucket") from None
+
+    async def write(self, inode: int, index: int, offset: int, data, *, epoch_base: int,
+                    s3: list | None, s3_size: int) -> int:
+        """Write ``data`` at ``offset`` in chunk ``index``; returns the new
+        chunk version once it is committed in the group (durable)."""
+        if not self.group.is_leader:
+            raise NotLeader(self.group.leader)
+        cs = self.chunk_size
+        st = self.machine.state
+        rec = st.chunks.get((inode, index))
+        has_local = rec is not None and rec[0] >= epoch_base
+        in_bucket = max(0, min(cs, s3_size - index * cs)) if s3 else 0
+        covers = offset == 0 and len(data) >= in_bucket
+        if not has_local and in_bucket and not covers:
+            view = await self.machine.cache.read(
+                (inode, index), epoch_base,
+                self._loader(s3[0], s3[1], index * cs, in_bucket))
+            try:
+                base = bytes(view.data)
+            finally:
+                view.release()
+            r = await self.group.propose(msgpack.packb(["cbase", inode, index, base, epoch_base]))
+            _check(r, "cbase")
+        r = await self.group.propose(msgpack.packb(
+            ["cwrite", inode, index, offset, bytes(data), cs, epoch_base]))
+        return _check(r, "cwrite")[1]
+
+
+def _check(r: list, what: str) -> list:
+    if r[0] != "ok":
+        raise OSError(r[1], f"{what}: {r[2]}")
+    return r
+
+
+class DataClient:
+    """File I/O over the owners. ``services(group)`` returns the leader's
+    ChunkService (in-process) or an RPC proxy with the same methods."""
+
+    def __init__(self, services, ring, router, chunk_size: int = DEFAULT_CHUNK,
+                 clock=time.time):
+        self.services = services
+        self.ring = ring
+        self.router = router
+        self.chunk_size = chunk_size
+        self.clock = clock
+
+    async def _owner(self, inode: int, index: int):
+        return await self.services(self.ring().chunk_owner(inode, index))
+
+    async def read(self, node: Inode, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset+length) of the file as ``node`` describes it
+        (a getattr result: size and chunk versions)."""
+        end = min(node.size, offset + length)
+        if offset >= end:
+            return b""
+        cs = self.chunk_size
+        first, last = offset // cs, (end - 1) // cs
+        s3 = [node.s3.key, node.s3.etag] if node.s3 else None
+        from_bucket = not node.dirty
+
+        async def one(i):
+            v = node.chunk_version(i)
+            ahead = [[j, node.chunk_version(j)] for j in range(i + 1, i + 3)
+                     if j * cs < node.size] if i == last else None
+            for attempt in range(20):
+                svc = await self._owner(node.id, i)
+                try:
+                    view = await svc.read(node.id, i, v, s3=s3,
+                                          from_bucket=from_bucket or v == node.base_version(),
+                                          size=node.size, ahead=ahead)
+                    break
+                except NotLeader:
+                    await asyncio.sleep(0.005 * (attempt + 1))
+            else:
+                raise OSError(errno.EAGAIN, "no leader for the chunk's group")
+            if view is None:
+                return b""
+            try:
+                lo = max(offset, i * cs) - i * cs
+                hi = min(end, (i + 1) * cs) - i * cs
+                got = bytes(view.data[lo:hi])
+            finally:
+                view.release()
+            # Past the chunk's stored length (a sparse tail): zeros.
+            return got + bytes((hi - lo) - len(got))
+
+        parts = await asyncio.gather(*(one(i) for i in range(first, last + 1)))
+        return b"".join(parts)
+
+    async def write(self, node: Inode, offset: int, data) -> dict[int, int]:
+        """Write ``data`` at ``offset``; returns {chunk index: new version}
+        for the flush. Durable in the cluster when it returns (each chunk's
+        write is committed in its owner group); visible to others after
+        ``flush``."""
+        data = memoryview(data).cast("B")
+        cs = self.chunk_size
+        s3 = [node.s3.key, node.s3.etag] if node.s3 else None
+        s3_size = node.s3.size if node.s3 else 0
+        pieces = []
+        pos = 0
+        while pos < len(data):
+            at = offset + pos
+            i, o = divmod(at, cs)
+            n = min(cs - o, len(data) - pos)
+            pieces.append((i, o, data[pos:pos + n]))
+            pos += n
+
+        async def one(i, o, piece):
+            for attempt in range(20):
+                svc = await self._owner(node.id, i)
+                try:
+                    return i, await svc.write(node.id, i, o, piece,
+                                              epoch_base=node.base_version(), s3=s3,
+                                              s3_size=s3_size)
+                except NotLeader:
+                    await asyncio.sleep(0.005 * (attempt + 1))
+            raise OSError(errno.EAGAIN, "no leader for the chunk's group")
+
+        # Pieces of the same chunk must go in order (each builds on the
+        # last version); different chunks go concurrently.
+        by_chunk: dict[int, list] = {}
+        for i, o, piece in pieces:
+            by_chunk.setdefault(i, []).append((o, piece))
+
+        async def chunk(i, items):
+            v = None
+            for o, piece in items:
+                _, v = await one(i, o, piece)
+            return i, v
+
+        return dict(await asyncio.gather(*(chunk(i, items) for i, items in by_chunk.items())))
+
+    async def flush(self, node: Inode, size: int, versions: dict[int, int], *,
+                    truncate: bool = False) -> Inode:
+        """Publish a new size and chunk versions at the inode's group (one
+        transaction): after this, every reader sees the new data."""
+        now = int(self.clock() * 1e9)
+        drop_from = -(-size // self.chunk_size) if truncate else None
+        g = self.ring().meta_owner(node.id)
+        r = await self.router.propose(g, ["tx", new_txn_id(), [[
+            "flush", node.id, size, sorted(versions.items()), drop_from, now]]])
+        _check(r, "flush")
+        return node

@@ -1,0 +1,75 @@
+"""A group's Raft state machine: the pure metadata/chunk records
+(meta/state.py) plus their effects on the node's chunk cache.
+
+Chunk data rides in Raft entries (``cwrite``/``cbase``) and is applied into
+the cache's disk tier as a dirty chunk version, durably (the cache fsyncs
+dirty chunks before ``write`` returns), so a snapshot taken later — which
+compacts those entries away — never depends on data that only the log had.
+Replays after a restart re-apply entries after the snapshot; the cache
+treats a version it already holds as a no-op.
+
+Apply order is the log order on every replica; an effect that fails (the
+disk died) raises, which stops the replica (driver: fatal), because its
+records would otherwise claim data it does not have.
+"""
+from __future__ import annotations
+
+import msgpack
+
+from objcache.meta.state import GroupState
+
+
+class GroupMachine:
+    def __init__(self, group_id: int, cache, chunk_size: int):
+        self.state = GroupState(group_id)
+        self.cache = cache
+        self.chunk_size = chunk_size
+
+    # StateMachine API ---------------------------------------------------
+
+    def apply(self, entry):
+        try:
+            cmd = msgpack.unpackb(entry.data, use_list=True)
+        except Exception:  # noqa: BLE001 - the pure state answers EINVAL
+            return self.state.apply_data(entry.data, entry.index)
+        if isinstance(cmd, list) and cmd and cmd[0] in ("cwrite", "cbase", "cdrop", "cclean"):
+            return self._apply_chunk(cmd, entry.index)
+        return self.state.apply_command(cmd, entry.index)
+
+    def snapshot(self) -> bytes:
+        return self.state.snapshot()
+
+    def restore(self, data: bytes) -> None:
+        self.state.restore(data)
+
+    # effects ------------------------------------------------------------
+
+    async def _apply_chunk(self, cmd: list, index: int):
+        r = self.state.apply_command(cmd, index)
+        if r[0] != "ok":
+            return r
+        kind = cmd[0]
+        if kind == "cwrite":
+            _, inode, idx, offset, data, _size, _eb = cmd
+            version, base_v, _length = r[1], r[2], r[3]
+            base = None
+            if base_v:
+                base = await self.cache.read((inode, idx), base_v, None)
+            try:
+                await self.cache.write((inode, idx), version, data, offset=offset,
+                                       base=base, dirty=True)
+            finally:
+                if base is not None:
+                    base.release()
+        elif kind == "cbase":
+            _, inode, idx, data, _eb = cmd
+            if r[3]:                                # a new local base
+                await self.cache.write((inode, idx), r[1], data, dirty=True)
+        elif kind == "cclean":
+            _, inode, idx, version = cmd
+            self.cache.mark_clean((inode, idx), version)
+        elif kind == "cdrop":
+            inode = cmd[1]
+            for c in r[1]:
+                self.cache.discard((inode, c))
+        return r

@@ -1,0 +1,60 @@
+"""An in-process engine: G metadata+data groups (R replicas each) with real
+chunk caches on disk, an in-memory bucket, a Namespace and a DataClient."""
+from __future__ import annotations
+
+import asyncio
+
+from objcache.backend.memory import MemoryStore
+from objcache.cache import ChunkCache
+from objcache.cluster.ring import Ring
+from objcache.engine.data import ChunkService, DataClient
+from objcache.engine.machine import GroupMachine
+from objcache.meta.namespace import Namespace
+from objcache.txn.local import LocalCluster
+
+CHUNK = 1 << 20     # small chunks keep tests fast; the code paths are the same
+
+
+class Engine:
+    def __init__(self, tmp_path, groups=3, replicas=1, store=None, chunk=CHUNK):
+        self.tmp = tmp_path
+        self.store = store or MemoryStore("bucket")
+        self.chunk = chunk
+        self.caches: dict[tuple[int, int], ChunkCache] = {}
+        self.ring = Ring(range(1, groups + 1))
+        self.cluster = LocalCluster(groups, replicas, machine_factory=self._machine,
+                                    on_start=self._service)
+
+    def _machine(self, g, node):
+        cache = self.caches.get((g, node))
+        if cache is None:
+            cache = ChunkCache(str(self.tmp / f"cache-{g}-{node}"), memory_bytes=16 * self.chunk,
+                               disk_bytes=256 * self.chunk, chunk_size=self.chunk)
+            self.caches[(g, node)] = cache
+            self._to_open.append(cache)
+        return GroupMachine(g, cache, self.chunk)
+
+    def _service(self, g, node, rg):
+        return ChunkService(rg, self.store, self.chunk)
+
+    async def start(self):
+        self._to_open = []
+        # Caches must be open before the groups replay into them: create the
+        # machines first, open the caches, then start the groups.
+        for g in self.cluster.group_ids:
+            for r in range(1, self.cluster.replicas + 1):
+                self._machine(g, self.cluster._node_id(g, r))
+        for c in self._to_open:
+            await c.open()
+        await self.cluster.start()
+        self.ns = Namespace(self.cluster, lambda: self.ring, self.store,
+                            default_uid=1000, default_gid=1000)
+        self.data = DataClient(self.cluster.service, lambda: self.ring, self.cluster,
+                               chunk_size=self.chunk)
+        await self.ns.ensure_root()
+        return self
+
+    async def close(self):
+        await self.cluster.close()
+        for c in self.caches.values():
+            await c.close()
