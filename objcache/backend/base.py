@@ -614,6 +614,12 @@ class ObjectStore(abc.ABC):
                 await before_complete()
             etag = await self._mpu_complete(full, upload_id, etags)
         except BaseException:
+            aclose = getattr(jobs, "aclose", None)
+            if aclose is not None:  # stop pulling the caller's pieces
+                try:
+                    await aclose()
+                except Exception:  # noqa: BLE001 -- the original error wins
+                    pass
             for t in tasks:
                 t.cancel()
             # Wait for every part: each waits for its worker thread, so no

@@ -33,7 +33,7 @@ import hashlib
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, TypeVar
+from typing import Any, AsyncIterator, Callable, Iterable, TypeVar
 
 from . import faults as _faults
 from .base import (
@@ -123,7 +123,8 @@ class MemoryStore(ObjectStore):
     ``bucket``). ``latency``: seconds added to every simulated request.
     ``max_attempts``: attempts per request for transient (injected) faults,
     like S3Store's. ``empty_multipart_etag``: answer CompleteMultipartUpload
-    without an ETag, as Ceph RGW 16 does.
+    without an ETag, as Ceph RGW 16 does. ``faults``: a FaultPlan acting
+    below the retry layer (the same as wrapping in ``FaultyStore``).
     """
 
     def __init__(self, bucket: str = "bucket", prefix: str = "", *,
@@ -132,7 +133,8 @@ class MemoryStore(ObjectStore):
                  max_copy_bytes: int = MAX_PUT_BYTES,
                  multipart_copy_threshold: int | None = None,
                  copy_part_size: int | None = None,
-                 empty_multipart_etag: bool = False) -> None:
+                 empty_multipart_etag: bool = False,
+                 faults: _faults.FaultPlan | None = None) -> None:
         if max_concurrency < 1 or max_attempts < 1:
             raise ValueError("max_concurrency and max_attempts must be >= 1")
         self.bucket = bucket
@@ -150,7 +152,7 @@ class MemoryStore(ObjectStore):
         if copy_part_size is not None:
             self.copy_part_size = copy_part_size
         self.empty_multipart_etag = empty_multipart_etag
-        self._faults: _faults.FaultPlan | None = None  # set by FaultyStore
+        self._faults = faults  # also set by FaultyStore
         self._slots = asyncio.Semaphore(max_concurrency)
         self._stats = Stats()
         self._closed = False

@@ -48,7 +48,6 @@ import io
 import logging
 import random
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable, Iterable
 
@@ -606,11 +605,13 @@ class S3Store(ObjectStore):
                 raw.release_conn()
             elif not done:
                 # Unread bytes (or a broken socket): the connection cannot be
-                # reused. Close it, and return the slot to the pool.
+                # reused. Close it, and give its place back to the pool.
                 try:
-                    raw.close() if raw is not None else body.close()
                     if raw is not None:
+                        raw.close()
                         raw.release_conn()
+                    else:
+                        body.close()
                 except Exception:  # noqa: BLE001 -- already failing
                     pass
             # (slow path, done: urllib3 released the connection at EOF)
@@ -790,7 +791,9 @@ class S3Store(ObjectStore):
 
 def _rgw_copy_if_match(request: Any, **_: Any) -> None:
     """before-sign hook: RGW 16 reads the copy-source If-Match condition
-    under its older name; send both (S3 ignores the unknown one)."""
+    under its older name; send both. (Unknown x-amz-* headers are ignored by
+    the servers tried; ``rgw_copy_conditions=False`` turns this off for one
+    that objects.)"""
     value = request.headers.get("x-amz-copy-source-if-match")
     if value is not None:
         request.headers["x-amz-copy-if-match"] = value

@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
 
 import numpy as np
 import pytest
 
 import objcache.backend.base as base
 from objcache.backend import (
-    AccessDenied, InvalidRequest, ListPage, NotFound, ObjectInfo,
+    InvalidRequest, ListPage, NotFound, ObjectInfo,
     PreconditionFailed, StoreClosed)
 from tests.backend import MiB, backend, collect, put_many, run  # noqa: F401
 
@@ -44,7 +45,7 @@ def test_put_head_get_roundtrip_with_s3fs_metadata(backend):
             assert (info.key, info.size, info.etag) == ("dir/file.bin", len(data), etag)
             assert info.metadata == meta
             assert info.content_type == "application/x-test"
-            assert abs(info.mtime - __import__("time").time()) < 120
+            assert abs(info.mtime - time.time()) < 120
             assert await store.get("dir/file.bin") == data
     run(body)
 
@@ -316,10 +317,8 @@ def test_multipart_failure_of_the_source_aborts_the_upload(backend):
 
 
 def test_multipart_cancelled_aborts_the_upload(backend):
-    gate = asyncio.Event
-
     async def body():
-        started = gate()
+        started = asyncio.Event()
 
         async def stream():
             yield bytes(5 * MiB)

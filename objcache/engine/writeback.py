@@ -1,0 +1,222 @@
+"""Write-back: make the bucket hold exactly what the cluster holds.
+
+Runs on the leader of each group, over the inodes and tombstones in that
+group's state:
+
+* a dirty file (data_version != uploaded_version) is uploaded to its key —
+  a PUT, or a multipart upload with parallel parts for large files (parts
+  of at least 5 MiB and at most 10,000 of them: the part size grows with
+  the file) — with s3fs-compatible metadata (mode, uid, gid, mtime); then
+  ``uploaded(version, key, etag)`` is committed. A write during the upload
+  advanced data_version, so the inode stays dirty and goes again;
+* a clean file whose key changed (a rename) is copied server-side to the
+  new key (CopyObject with its metadata);
+* a new directory gets its marker object (``dir/``); a symlink is an object
+  whose mode has S_IFLNK and whose body is the target;
+* tombstones (removed files, replaced or renamed keys, removed directory
+  markers) are deleted — only if the object there is still the one the
+  tombstone names (a HEAD first: a new file at the same key is never
+  deleted) — and then ``untomb``-ed.
+
+Nothing is marked clean unless the bucket returned the ETag of exactly the
+version uploaded; every failure leaves the inode dirty for the next pass.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import stat
+import time
+
+import msgpack
+
+from objcache.meta.model import Inode, Kind
+from objcache.txn.coordinator import new_txn_id
+
+log = logging.getLogger(__name__)
+
+MIN_PART = 5 << 20
+MAX_PARTS = 10_000
+
+
+def part_size_for(size: int, chunk_size: int) -> int:
+    """The multipart part size for a ``size``-byte object: a multiple of the
+    chunk size, >= 5 MiB, and large enough for <= 10,000 parts."""
+    need = max(MIN_PART, -(-size // MAX_PARTS))
+    return -(-need // chunk_size) * chunk_size
+
+
+def s3_metadata(node: Inode) -> dict[str, str]:
+    return {"mode": str(node.st_mode), "uid": str(node.uid), "gid": str(node.gid),
+            "mtime": str(node.mtime_ns // 10**9)}
+
+
+class WriteBack:
+    def __init__(self, group, store, data, router, *, chunk_size: int, delay: float = 5.0,
+                 single_put_max: int = 16 << 20, concurrency: int = 4, clock=time.time):
+        self.group = group                  # RaftGroup with a GroupMachine
+        self.store = store
+        self.data = data                    # DataClient
+        self.router = router
+        self.chunk_size = chunk_size
+        self.delay = delay
+        self.single_put_max = single_put_max
+        self.concurrency = concurrency
+        self.clock = clock
+        self.stats = {"uploads": 0, "copies": 0, "deletes": 0, "failures": 0, "bytes": 0}
+        self._busy: set[int] = set()
+
+    @property
+    def state(self):
+        return self.group.sm.state
+
+    async def propose(self, cmd: list) -> list:
+        return await self.group.propose(msgpack.packb(cmd))
+
+    def pending(self) -> int:
+        """Inodes and tombstones this group still owes the bucket."""
+        st = self.state
+        return sum(1 for n in st.inodes.values() if self._owed(n)) + len(st.tombstones)
+
+    def _owed(self, n: Inode) -> bool:
+        if n.dirty:
+            return True
+        return n.kind != Kind.DIR and n.s3 is not None and n.name != b"" and \
+            n.s3.key != self._key_of_cached(n)
+
+    def _key_of_cached(self, n: Inode) -> str | None:
+        d = self.state.dirs.get(n.parent)
+        return None if d is None else d.s3_prefix + n.name.decode()
+
+    async def _key_of(self, n: Inode) -> str:
+        if n.kind == Kind.DIR:
+            d = self.state.dirs.get(n.id)
+            if d is None:
+                raise OSError(errno.ENOENT, f"directory {n.id} gone")
+            return d.s3_prefix
+        d = self.state.dirs.get(n.parent)
+        if d is not None:
+            return d.s3_prefix + n.name.decode()
+        g = self.data.ring().meta_owner(n.parent)
+        r = await self.router.read(g, ["dirinfo", n.parent])
+        if r[0] != "ok":
+            raise OSError(r[1], f"parent of inode {n.id}: {r[2]}")
+        return r[1] + n.name.decode()
+
+    async def run_once(self, *, force: bool = False, only: int | None = None) -> int:
+        """One pass; returns how many inodes/tombstones it finished."""
+        if not self.group.is_leader:
+            return 0
+        now = self.clock()
+        todo = [n.copy() for n in self.state.inodes.values()
+                if (only is None or n.id == only) and n.id not in self._busy
+                and self._owed(n)
+                and (force or now - n.ctime_ns / 1e9 >= self.delay)]
+        sem = asyncio.Semaphore(self.concurrency)
+
+        async def one(n):
+            async with sem:
+                self._busy.add(n.id)
+                try:
+                    await self._write_back(n)
+                    return 1
+                except Exception as exc:  # noqa: BLE001 - stays dirty, next pass retries
+                    self.stats["failures"] += 1
+                    log.warning("write-back of inode %d failed: %r", n.id, exc)
+                    return 0
+                finally:
+                    self._busy.discard(n.id)
+
+        # Deletions first: a key removed and then created again (rmdir then
+        # mkdir, unlink then create) must end up holding the new object.
+        done = 0 if only is not None else await self._delete_tombstones()
+        done += sum(await asyncio.gather(*(one(n) for n in todo)))
+        return done
+
+    async def _write_back(self, n: Inode) -> None:
+        key = await self._key_of(n)
+        version = n.data_version
+        ops: list = []
+        if n.kind == Kind.DIR:
+            if key:                                   # the root has no marker
+                etag = await self.store.put(key, b"", metadata=s3_metadata(n))
+            else:
+                etag = ""
+            size = 0
+        elif not n.dirty and n.s3 is not None and n.s3.key != key:
+            etag = await self.store.copy(n.s3.key, key, metadata=s3_metadata(n),
+                                         if_match=n.s3.etag)
+            size = n.s3.size
+            self.stats["copies"] += 1
+        else:
+            etag, size = await self._upload(n, key)
+            self.stats["uploads"] += 1
+        if n.s3 is not None and n.s3.key != key:
+            ops.append(["tombstone", n.s3.key, n.s3.etag])
+        if key in self.state.tombstones:
+            # This upload supersedes a pending deletion of the same key.
+            ops.append(["untomb", key, self.state.tombstones[key]])
+        ops.insert(0, ["uploaded", n.id, version, [key, etag, size, self.clock()]])
+        r = await self.propose(["tx", new_txn_id(), ops])
+        if r[0] != "ok":
+            raise OSError(r[1], f"recording the upload of inode {n.id}: {r[2]}")
+        if n.kind == Kind.FILE:
+            await self._mark_chunks_clean(n)
+
+    async def _upload(self, n: Inode, key: str) -> tuple[str, int]:
+        meta = s3_metadata(n)
+        if n.kind == Kind.SYMLINK:
+            body = bytes(n.target)
+            return await self.store.put(key, body, metadata=meta), len(body)
+        size = n.size
+        if size <= self.single_put_max:
+            body = await self.data.read(n, 0, size)
+            if len(body) != size:
+                raise OSError(errno.EIO, f"read {len(body)} of {size} bytes of inode {n.id}")
+            self.stats["bytes"] += size
+            return await self.store.put(key, body, metadata=meta), size
+        part = part_size_for(size, self.chunk_size)
+
+        async def parts():
+            for off in range(0, size, part):
+                chunk = await self.data.read(n, off, min(part, size - off))
+                self.stats["bytes"] += len(chunk)
+                yield chunk
+
+        etag = await self.store.multipart_upload(key, parts(), part_size=part, metadata=meta,
+                                                 concurrency=self.concurrency)
+        return etag, size
+
+    async def _mark_chunks_clean(self, n: Inode) -> None:
+        ring = self.data.ring()
+        for idx, v in n.chunks.items():
+            g = ring.chunk_owner(n.id, idx)
+            try:
+                await self.router.propose(g, ["cclean", n.id, idx, v])
+            except Exception as exc:  # noqa: BLE001 - only delays eviction
+                log.info("marking chunk %d of inode %d clean failed: %r", idx, n.id, exc)
+
+    async def _delete_tombstones(self) -> int:
+        done = 0
+        for key, etag in list(self.state.tombstones.items()):
+            try:
+                head = await self.store.head(key)
+                if head is not None and (etag == "" or head.etag == etag):
+                    await self.store.delete(key)
+                    self.stats["deletes"] += 1
+                r = await self.propose(["tx", new_txn_id(), [["untomb", key, etag]]])
+                if r[0] == "ok":
+                    done += 1
+            except Exception as exc:  # noqa: BLE001 - next pass retries
+                self.stats["failures"] += 1
+                log.warning("deleting %r failed: %r", key, exc)
+        return done
+
+    async def run(self, interval: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.run_once()
+            except Exception as exc:  # noqa: BLE001 - keep the loop alive
+                log.warning("write-back pass failed: %r", exc)

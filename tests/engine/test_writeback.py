@@ -1,0 +1,168 @@
+"""Write-back: the bucket ends up holding exactly the cluster's files."""
+import asyncio
+import os
+import stat
+
+from objcache.engine.writeback import WriteBack, part_size_for
+from objcache.meta.model import ROOT
+
+from .harness import CHUNK, Engine
+
+
+def run(coro, timeout=120):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def writebacks(e, **kw):
+    out = []
+    for g in e.cluster.group_ids:
+        leader = await e.cluster.leader(g)
+        out.append(WriteBack(leader, e.store, e.data, e.cluster, chunk_size=CHUNK,
+                             delay=0, **kw))
+    return out
+
+
+async def drain(wbs):
+    for _ in range(10):
+        for wb in wbs:
+            await wb.run_once(force=True)
+        if all(wb.pending() == 0 for wb in wbs):
+            return
+    raise AssertionError([wb.pending() for wb in wbs])
+
+
+async def bucket(e):
+    keys = {}
+    async for page in e.store.list("", delimiter=None):
+        for o in page.objects:
+            keys[o.key] = await e.store.get(o.key)
+    return keys
+
+
+def test_files_dirs_symlinks_reach_the_bucket_with_metadata(tmp_path):
+    async def main():
+        e = await Engine(tmp_path).start()
+        wbs = await writebacks(e)
+        d = await e.ns.mkdir(ROOT, b"d", 0o750, 1000, 1000)
+        f = await e.ns.create(d.id, b"f.bin", 0o640, 1000, 1000)
+        data = os.urandom(CHUNK + 10)
+        await e.data.flush(f, len(data), await e.data.write(f, 0, data))
+        await e.ns.create(ROOT, b"empty", 0o600, 1000, 1000)
+        await e.ns.symlink(ROOT, b"link", b"d/f.bin", 1000, 1000)
+        await drain(wbs)
+        objs = await bucket(e)
+        assert objs == {"d/": b"", "d/f.bin": data, "empty": b"", "link": b"d/f.bin"}
+        head = await e.store.head("d/f.bin")
+        assert head.metadata["mode"] == str(stat.S_IFREG | 0o640)
+        assert head.metadata["uid"] == "1000"
+        assert stat.S_ISLNK(int((await e.store.head("link")).metadata["mode"]))
+        node = await e.ns.getattr(f.id)
+        assert not node.dirty and node.s3.key == "d/f.bin"
+        await e.close()
+    run(main())
+
+
+def test_rename_copies_and_unlink_deletes(tmp_path):
+    async def main():
+        e = Engine(tmp_path)
+        await e.store.put("old", b"payload", metadata={"mode": str(0o100644)})
+        await e.store.put("gone", b"bye")
+        await e.start()
+        wbs = await writebacks(e)
+        await e.ns.rename(ROOT, b"old", ROOT, b"new")
+        await e.ns.unlink(ROOT, b"gone")
+        await drain(wbs)
+        assert await bucket(e) == {"new": b"payload"}
+        assert sum(wb.stats["copies"] for wb in wbs) == 1    # server-side, no re-upload
+        await e.close()
+    run(main())
+
+
+def test_large_file_goes_multipart(tmp_path):
+    async def main():
+        e = await Engine(tmp_path).start()
+        wbs = await writebacks(e, single_put_max=2 * CHUNK)
+        f = await e.ns.create(ROOT, b"big", 0o644, 0, 0)
+        data = os.urandom(12 * CHUNK + 5)
+        await e.data.flush(f, len(data), await e.data.write(f, 0, data))
+        await drain(wbs)
+        head = await e.store.head("big")
+        assert head.etag.endswith("-3")                      # 5 + 5 + 2.x MiB parts
+        assert await e.store.get("big") == data
+        await e.close()
+    run(main())
+
+
+def test_write_during_upload_keeps_the_file_dirty(tmp_path):
+    async def main():
+        e = await Engine(tmp_path).start()
+        wbs = await writebacks(e)
+        f = await e.ns.create(ROOT, b"f", 0o644, 0, 0)
+        await e.data.flush(f, 3, await e.data.write(f, 0, b"one"))
+        real_put = e.store.put
+        gate = asyncio.Event()
+        entered = asyncio.Event()
+
+        async def slow_put(key, data, **kw):
+            entered.set()
+            await gate.wait()
+            return await real_put(key, data, **kw)
+        e.store.put = slow_put
+        g = e.ring.meta_owner(f.id)
+        wb = wbs[g - 1]
+        task = asyncio.create_task(wb.run_once(force=True))
+        await entered.wait()
+        node = await e.ns.getattr(f.id)
+        await e.data.flush(node, 3, await e.data.write(node, 0, b"two"))
+        gate.set()
+        await task
+        assert (await e.ns.getattr(f.id)).dirty            # "one" went up, "two" didn't
+        e.store.put = real_put
+        await drain(wbs)
+        assert await e.store.get("f") == b"two"
+        assert not (await e.ns.getattr(f.id)).dirty
+        await e.close()
+    run(main())
+
+
+def test_failed_upload_stays_dirty(tmp_path):
+    async def main():
+        e = await Engine(tmp_path).start()
+        wbs = await writebacks(e)
+        f = await e.ns.create(ROOT, b"f", 0o644, 0, 0)
+        real_put = e.store.put
+
+        async def broken(*a, **kw):
+            raise OSError(5, "injected")
+        e.store.put = broken
+        for wb in wbs:
+            await wb.run_once(force=True)
+        assert (await e.ns.getattr(f.id)).dirty
+        e.store.put = real_put
+        await drain(wbs)
+        assert await bucket(e) == {"f": b""}
+        await e.close()
+    run(main())
+
+
+def test_rmdir_then_mkdir_keeps_the_new_marker(tmp_path):
+    async def main():
+        e = await Engine(tmp_path).start()
+        wbs = await writebacks(e)
+        await e.ns.mkdir(ROOT, b"d", 0o755, 0, 0)
+        await drain(wbs)
+        await e.ns.rmdir(ROOT, b"d")
+        await e.ns.mkdir(ROOT, b"d", 0o755, 0, 0)
+        await drain(wbs)
+        assert await bucket(e) == {"d/": b""}
+        await e.close()
+    run(main())
+
+
+def test_part_sizes_respect_s3_limits():
+    mib = 1 << 20
+    assert part_size_for(10 * mib, 8 * mib) == 8 * mib
+    assert part_size_for(10 * mib, 1 * mib) == 5 * mib
+    big = 200 * 1024 * mib * 1024 // 1024          # 200 GiB
+    p = part_size_for(big, 8 * mib)
+    assert p % (8 * mib) == 0 and -(-big // p) <= 10_000
