@@ -17,12 +17,13 @@ membership changes with learners; leader transfer; snapshots, compaction and
 InstallSnapshot. The structure follows etcd-io/raft; see docs/raft.md for
 the message flow and the I/O ordering rules.
 
-Membership changes take effect when their entry is committed (the core
-applies them while building the Ready that hands the entry out). At most one
-may be pending: a leader accepts a new one only once the previous one has
-been applied, and a new leader only once everything up to its election
-entry has been applied (which rules out the single-server-change bug Ongaro
-described in 2015).
+Membership changes take effect as soon as their entry is in a server's log
+(committed or not), and are undone if that entry is truncated away (Raft
+thesis §4.1). At most one may be pending: a leader accepts a new one only
+once the previous one has been applied, and a new leader only once
+everything up to its election entry has been applied (which rules out the
+single-server-change bug Ongaro described in 2015). A leader that removes
+itself keeps leading, without counting itself, until the change commits.
 """
 from __future__ import annotations
 
@@ -123,16 +124,20 @@ class RaftCore:
         self.lead_transferee = NONE
 
         # Membership: the conf of the snapshot, then every conf change entry
-        # up to the commit index (they took effect when committed).
-        # _conf_history: (index, conf) for each change after the snapshot, so
-        # compact() can record the conf as of any index.
+        # in the log, committed or not — a change takes effect as soon as it
+        # is in a server's log (Raft thesis §4.1), and a truncation that
+        # removes it reverts it. (Taking effect at commit is unsafe: a node
+        # restarting with a stale commit index would count votes of servers
+        # already removed.) _conf_history: (index, conf) per change after
+        # the snapshot; _conf_scanned: the log is scanned up to there.
         base = snap.conf if snap else (restore.conf or ConfState(frozenset({self.id})))
         self.conf = base
         self._conf_base = (self.log.snap_index, base)
         self._conf_history: list[tuple[int, ConfState]] = []
-        self._conf_applied = self.log.snap_index
+        self._conf_scanned = self.log.snap_index
+        self._leaving_at = 0            # leader: index of the change removing it
         self.prs: dict[int, Progress] = {}
-        self._apply_conf_changes_to(self.log.committed)
+        self._sync_conf()
         self._reset_progress()
 
         self.election_elapsed = 0
@@ -244,6 +249,7 @@ class RaftCore:
         self._conf_base = (self.log.snap_index, conf)
         self._conf_history = [(i, c) for i, c in self._conf_history
                               if i > self.log.snap_index]
+        self._conf_scanned = max(self._conf_scanned, self.log.snap_index)
         return SnapshotMeta(self.log.snap_index, self.log.snap_term, conf)
 
     def _check_can_propose(self) -> None:
@@ -338,21 +344,10 @@ class RaftCore:
             return
         if not self.promotable():
             return
-        # Unapplied membership changes could make our idea of the quorum
-        # wrong; wait until they are applied.
-        if self._has_unapplied_conf_change():
-            return
         if self.cfg.pre_vote and not transfer:
             self._campaign(pre=True, transfer=False)
         else:
             self._campaign(pre=False, transfer=transfer)
-
-    def _has_unapplied_conf_change(self) -> bool:
-        lo, hi = self.log.applied + 1, self.log.committed
-        if lo > hi:
-            return False
-        return any(e.type == EntryType.CONF_CHANGE
-                   for e in self.log.slice(lo, hi + 1, 1 << 62))
 
     def _campaign(self, pre: bool, transfer: bool) -> None:
         if pre:
@@ -449,6 +444,7 @@ class RaftCore:
             self._send(Message(MsgType.APP_RESP, to=m.frm, index=self.log.committed))
             return
         last_new = self.log.maybe_append(m.index, m.log_term, m.commit, m.entries)
+        self._sync_conf()
         if last_new is not None:
             self._send(Message(MsgType.APP_RESP, to=m.frm, index=last_new))
             return
@@ -472,7 +468,8 @@ class RaftCore:
         self.log.restore(m.snapshot)
         self._conf_base = (meta.index, meta.conf)
         self._conf_history = []
-        self._conf_applied = meta.index
+        self._conf_scanned = meta.index
+        self.log.truncated_from = 0
         self._set_conf(meta.conf)
         self._send(Message(MsgType.APP_RESP, to=m.frm, index=self.log.last_index()))
 
@@ -633,6 +630,9 @@ class RaftCore:
         if len(matches) < self.quorum():
             return False
         committed = self.log.maybe_commit(matches[self.quorum() - 1], self.term)
+        if committed and self._leaving_at:
+            self._maybe_step_down_removed()
+            return committed
         if committed and self._pending_reads and self._committed_in_current_term():
             pending, self._pending_reads = self._pending_reads, []
             for m in pending:
@@ -647,6 +647,7 @@ class RaftCore:
             e.term = self.term
             e.index = last + 1 + k
         self.log.append(ents)
+        self._sync_conf()
         # Our own match advances when the entries are durable (advance()).
         return self.log.last_index()
 
@@ -789,34 +790,47 @@ class RaftCore:
 
     # ---------------------------------------------------------------- membership
 
-    def _apply_conf_changes_to(self, index: int) -> None:
-        """Apply every conf change entry in (_conf_applied, index]."""
-        lo = self._conf_applied + 1
-        if index < lo:
-            return
-        for e in self.log.slice(lo, index + 1, 1 << 62):
-            if e.type == EntryType.CONF_CHANGE:
-                cc = ConfChange.decode(e.data)
-                conf = cc.apply(self.conf)
-                self._conf_history.append((e.index, conf))
-                self._set_conf(conf)
-        self._conf_applied = index
+    def _sync_conf(self) -> None:
+        """Bring the membership in line with the log: undo changes an
+        append truncated away, then take on changes appended since."""
+        cut = self.log.truncated_from
+        if cut:
+            self.log.truncated_from = 0
+            self._conf_history = [(i, c) for i, c in self._conf_history if i < cut]
+            self._conf_scanned = min(self._conf_scanned, cut - 1)
+        last = self.log.last_index()
+        if last > self._conf_scanned:
+            for e in self.log.slice(self._conf_scanned + 1, last + 1, 1 << 62):
+                if e.type == EntryType.CONF_CHANGE:
+                    prev = self._conf_history[-1][1] if self._conf_history else self._conf_base[1]
+                    self._conf_history.append((e.index, ConfChange.decode(e.data).apply(prev)))
+            self._conf_scanned = last
+        conf = self._conf_history[-1][1] if self._conf_history else self._conf_base[1]
+        if conf != self.conf:
+            self._set_conf(conf)
 
     def _set_conf(self, conf: ConfState) -> None:
         self.conf = conf
-        if self.role != Role.LEADER:
-            self._reset_progress_keep()
-            return
         self._reset_progress_keep()
-        if self.id not in conf.voters:
-            # Removed (or demoted) leader: let the others know the commit
-            # index, then step down; the rest elect a new leader.
-            self._bcast_append()
-            self._become_follower(self.term, NONE)
+        if self.role != Role.LEADER:
             return
-        # The quorum may have shrunk: entries may be committable now.
+        if self.id not in conf.voters:
+            # A leader removing itself keeps leading until the change
+            # commits (counted without its own vote), then steps down
+            # (Raft thesis §4.2.2); see _maybe_step_down_removed.
+            self._leaving_at = self._conf_history[-1][0] if self._conf_history else 0
+        else:
+            self._leaving_at = 0
+        # The quorum may have changed: entries may be committable now.
         if self._maybe_commit():
             self._bcast_append()
+
+    def _maybe_step_down_removed(self) -> None:
+        if (self.role == Role.LEADER and self._leaving_at
+                and self.log.committed >= self._leaving_at):
+            self._leaving_at = 0
+            self._bcast_append()                # tell everyone the commit
+            self._become_follower(self.term, NONE)
 
     def _reset_progress_keep(self) -> None:
         """Update the progress map to the current conf, keeping the state of
@@ -876,9 +890,6 @@ class RaftCore:
         rd.send_before_persist = (self.role == Role.LEADER and rd.snapshot is None
                                   and not term_or_vote_changed)
         rd.committed_entries = self.log.next_committed(self.cfg.max_apply_bytes)
-        if rd.committed_entries:
-            self._apply_conf_changes_to(rd.committed_entries[-1].index)
-            # Applying a removal may have made us step down, adding messages.
         rd.messages = self._msgs
         rd.read_states = self._read_states
         self._msgs = []

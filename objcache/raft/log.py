@@ -23,7 +23,7 @@ class LogSafetyError(AssertionError):
 
 class RaftLog:
     __slots__ = ("snap_index", "snap_term", "entries", "committed", "applied",
-                 "unstable_from", "pending_snapshot")
+                 "unstable_from", "pending_snapshot", "truncated_from")
 
     def __init__(self, snap_index: int = 0, snap_term: int = 0,
                  entries: list[Entry] | None = None, committed: int = 0,
@@ -45,6 +45,9 @@ class RaftLog:
                              f"[{snap_index}, {self.committed}]")
         self.unstable_from = self.last_index() + 1   # restored = durable
         self.pending_snapshot: Snapshot | None = None
+        # Lowest index overwritten by an append since the core last looked
+        # (0: none). The core re-derives the membership from there.
+        self.truncated_from = 0
 
     # ---- queries -------------------------------------------------------
 
@@ -125,6 +128,8 @@ class RaftLog:
         if first > self.last_index() + 1:
             raise LogSafetyError(f"append at {first} leaves a gap after "
                                  f"{self.last_index()}")
+        if first <= self.last_index():
+            self.truncated_from = min(self.truncated_from or first, first)
         del self.entries[first - self.snap_index - 1:]
         self.entries.extend(ents)
         self.unstable_from = min(self.unstable_from, first)

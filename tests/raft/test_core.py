@@ -537,3 +537,21 @@ def test_propose_many_is_one_append_round():
         c.nodes[1].propose_many([])
     with pytest.raises(NotLeader):
         c.nodes[2].propose_many([b"x"])
+
+
+def test_membership_follows_the_log_not_the_commit_index():
+    """Regression (simulator seed 11277): a node restarting with a stale
+    commit index must still use the membership its log says, or it counts
+    votes of servers already removed and can win without committed
+    entries."""
+    five = ConfState(frozenset({1, 2, 3, 4, 5}))
+    rm1 = ConfChange(ConfChangeType.REMOVE, 1).encode()
+    rm2 = ConfChange(ConfChangeType.REMOVE, 2).encode()
+    ents = [Entry(1, 1), Entry(1, 2, EntryType.CONF_CHANGE, rm1),
+            Entry(1, 3, EntryType.CONF_CHANGE, rm2), Entry(1, 4)]
+    core = RaftCore(Config(id=4), RestoreState(HardState(1, 0, 1), None, ents, five))
+    assert core.conf.voters == {3, 4, 5}
+    # A conflicting append that truncates the removals undoes them.
+    core.step(Message(MsgType.APP, to=4, frm=3, term=2, index=1, log_term=1,
+                      entries=[Entry(2, 2)], commit=1))
+    assert core.conf.voters == {1, 2, 3, 4, 5}
