@@ -12,6 +12,8 @@ Requests:
   ["readdir", dir]            -> ["ok", [[name, child, kind], ...], listed, listed_at, prefix]
   ["dirinfo", dir]            -> ["ok", prefix, listed, listed_at, n_entries]
   ["counter"]                 -> ["ok", counter]
+  ["cluster"]                 -> ["ok", membership]  (root group)
+  ["pending"]                 -> ["ok", dirty inodes, tombstones, dirty bytes, inodes, prepared]
 """
 from __future__ import annotations
 
@@ -61,6 +63,13 @@ def serve(state: GroupState, request: list) -> list:
             return ok(dr.s3_prefix, dr.listed, dr.listed_at, len(dr.entries))
         if kind == "counter":
             return ok(state.counter)
+        if kind == "cluster":
+            return ok(state.cluster)
+        if kind == "pending":
+            dirty = sum(1 for n in state.inodes.values() if n.dirty)
+            dirty_bytes = sum(n.size for n in state.inodes.values() if n.dirty)
+            return ok(dirty, len(state.tombstones), dirty_bytes, len(state.inodes),
+                      len(state.prepared))
         return err(errno.EINVAL, f"unknown read {kind!r}")
     except (IndexError, TypeError, KeyError) as exc:
         return err(errno.EINVAL, f"malformed read: {exc!r}")

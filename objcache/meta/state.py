@@ -15,6 +15,7 @@ replica. Entries (msgpack arrays):
   ["cbase", ino, idx, data, eb]            the bucket's chunk content as a local base
   ["cdrop", ino, from_idx]                 forget local chunk versions
   ["cclean", ino, idx, version]            that version is in the bucket now
+  ["join", address, replicas] / ["freeze"] cluster membership (root group only)
 
 An *op* is a precondition plus an effect on records this group owns:
 
@@ -118,6 +119,11 @@ class GroupState:
         # objcache): (inode, index) -> [version, length]. Version 0 — no
         # record — means "the bucket's content at the inode's ETag".
         self.chunks: dict[tuple[int, int], list[int]] = {}
+        # Cluster membership (kept by the root group, group 1): node id ->
+        # address, group id -> member node ids, the groups in the ring, and
+        # the ring version (bumped by every change).
+        self.cluster = {"nodes": {}, "groups": {}, "ring": [], "version": 0,
+                        "frozen": False}
         self.applied_index = 0
 
     # ------------------------------------------------------------ state machine API
@@ -160,6 +166,7 @@ class GroupState:
             "decisions": list(self.decisions.items()),
             "tombstones": list(self.tombstones.items()),
             "chunks": [[i, c, v, n] for (i, c), (v, n) in self.chunks.items()],
+            "cluster": self.cluster,
             "applied": self.applied_index,
         })
 
@@ -177,6 +184,9 @@ class GroupState:
         self.decisions = {bytes(t): d for t, d in s["decisions"]}
         self.tombstones = dict(s["tombstones"])
         self.chunks = {(i, c): [v, n] for i, c, v, n in s["chunks"]}
+        self.cluster = s["cluster"]
+        self.cluster["nodes"] = {int(k): v for k, v in self.cluster["nodes"].items()}
+        self.cluster["groups"] = {int(k): v for k, v in self.cluster["groups"].items()}
         self.applied_index = s["applied"]
 
     # ------------------------------------------------------------ commands
@@ -298,6 +308,42 @@ class GroupState:
         for c in dropped:
             del self.chunks[(inode, c)]
         return ok(dropped)
+
+    # ------------------------------------------------------------ membership (root group)
+
+    def _cmd_join(self, address, replicas) -> Result:
+        """A node asks to join: it gets the next node id and a place in a
+        group — the newest group while it has fewer than ``replicas``
+        members, else a new group. A group enters the ring once it is full
+        and the ring is not frozen (data placed by a frozen ring would be
+        stranded by a new one until rebalancing moves it). Rejoining with
+        a known address returns the same assignment."""
+        c = self.cluster
+        for nid, addr in c["nodes"].items():
+            if addr == address:
+                g = next(g for g, m in c["groups"].items() if nid in m)
+                return ok(nid, g, c["groups"][g], c["version"])
+        nid = max(c["nodes"], default=0) + 1
+        c["nodes"][nid] = address
+        newest = max(c["groups"], default=0)
+        if newest and len(c["groups"][newest]) < replicas:
+            g = newest
+            c["groups"][g].append(nid)
+        else:
+            g = newest + 1
+            c["groups"][g] = [nid]
+        if len(c["groups"][g]) == replicas and g not in c["ring"] and not c["frozen"]:
+            c["ring"].append(g)
+        c["version"] += 1
+        return ok(nid, g, c["groups"][g], c["version"])
+
+    def _cmd_freeze(self) -> Result:
+        """The first namespace use fixes the ring (see _cmd_join)."""
+        c = self.cluster
+        if not c["frozen"]:
+            c["frozen"] = True
+            c["version"] += 1
+        return ok(c["version"])
 
     def _cmd_reserve(self, n) -> Result:
         """Reserve ``n`` inode counters; returns the first and last. Each

@@ -1,0 +1,1 @@
+"""Python-side APIs: a cluster client and an fsspec filesystem."""

@@ -1,0 +1,143 @@
+"""A client of an objcache cluster: namespace operations and file I/O
+through any node (which coordinates them).
+
+Errors come back as OSError with the errno a filesystem call would give
+(ENOENT, EEXIST, ...). Calls fail over to the next node address when one is
+unreachable.
+"""
+from __future__ import annotations
+
+import errno
+
+from objcache.meta.model import Inode, ROOT
+from objcache.rpc import RemoteError, RpcClient, RpcError, Unavailable
+
+
+def parse_addresses(text: str) -> list[tuple[str, int]]:
+    out = []
+    for item in text.split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"bad cluster address {item!r}: expected HOST:PORT")
+        out.append((host, int(port)))
+    return out
+
+
+class ClusterClient:
+    def __init__(self, addresses, secret: bytes, *, timeout: float = 60.0):
+        if isinstance(addresses, str):
+            addresses = parse_addresses(addresses)
+        self.addresses = list(addresses)
+        self.timeout = timeout
+        self._clients = [RpcClient(h, p, secret, connect_timeout=5.0, backoff_max=1.0,
+                                   max_payload=1 << 30) for h, p in self.addresses]
+        self._current = 0
+
+    async def close(self) -> None:
+        for c in self._clients:
+            await c.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    async def call(self, method: str, fields: dict | None = None, payload=None,
+                   timeout: float | None = None):
+        last = None
+        for k in range(len(self._clients)):
+            c = self._clients[(self._current + k) % len(self._clients)]
+            try:
+                r = await c.call(method, fields or {}, payload,
+                                 timeout=timeout or self.timeout)
+                self._current = (self._current + k) % len(self._clients)
+                return r
+            except RemoteError as exc:
+                if exc.code == "errno":
+                    code = (exc.details or {}).get("errno", errno.EIO)
+                    raise OSError(code, exc.message) from None
+                raise
+            except (Unavailable, RpcError, OSError) as exc:
+                last = exc
+        raise OSError(errno.EHOSTUNREACH, f"no node of the cluster answered: {last!r}")
+
+    # namespace ------------------------------------------------------------
+
+    async def _inode(self, method, **fields) -> Inode:
+        r = await self.call("meta." + method, fields)
+        return Inode.from_wire(r.fields["inode"])
+
+    async def getattr(self, ino: int) -> Inode:
+        return await self._inode("getattr", ino=ino)
+
+    async def lookup(self, parent: int, name: bytes) -> Inode:
+        return await self._inode("lookup", parent=parent, name=bytes(name))
+
+    async def readdir(self, ino: int) -> list[tuple[bytes, int, int]]:
+        r = await self.call("meta.readdir", {"ino": ino})
+        return [(bytes(n), c, k) for n, c, k in r.fields["entries"]]
+
+    async def create(self, parent, name, mode=0o644, uid=0, gid=0) -> Inode:
+        return await self._inode("create", parent=parent, name=bytes(name), mode=mode,
+                                 uid=uid, gid=gid)
+
+    async def mkdir(self, parent, name, mode=0o755, uid=0, gid=0) -> Inode:
+        return await self._inode("mkdir", parent=parent, name=bytes(name), mode=mode,
+                                 uid=uid, gid=gid)
+
+    async def symlink(self, parent, name, target, uid=0, gid=0) -> Inode:
+        return await self._inode("symlink", parent=parent, name=bytes(name),
+                                 target=bytes(target), uid=uid, gid=gid)
+
+    async def unlink(self, parent, name) -> None:
+        await self.call("meta.unlink", {"parent": parent, "name": bytes(name)})
+
+    async def rmdir(self, parent, name) -> None:
+        await self.call("meta.rmdir", {"parent": parent, "name": bytes(name)})
+
+    async def rename(self, sp, sn, dp, dn, *, noreplace=False) -> None:
+        await self.call("meta.rename", {"sp": sp, "sn": bytes(sn), "dp": dp, "dn": bytes(dn),
+                                        "noreplace": noreplace})
+
+    async def link(self, ino, parent, name) -> Inode:
+        return await self._inode("link", ino=ino, parent=parent, name=bytes(name))
+
+    async def setattr(self, ino, **fields) -> Inode:
+        return await self._inode("setattr", ino=ino, fields=fields)
+
+    async def resolve(self, path: str) -> Inode:
+        """The inode at ``path`` ("a/b/c", relative to the bucket prefix)."""
+        node = await self.getattr(ROOT)
+        for part in [p for p in path.split("/") if p]:
+            node = await self.lookup(node.id, part.encode())
+        return node
+
+    # data -----------------------------------------------------------------
+
+    async def read(self, node: Inode, offset: int, length: int) -> memoryview:
+        r = await self.call("data.read", {"inode": node.to_wire(), "offset": offset,
+                                          "length": length})
+        return r.payload if r.payload is not None else memoryview(b"")
+
+    async def write(self, node: Inode, offset: int, data) -> dict[int, int]:
+        r = await self.call("data.write", {"inode": node.to_wire(), "offset": offset}, data)
+        return dict(r.fields["versions"])
+
+    async def flush(self, node: Inode, size: int, versions: dict[int, int], *,
+                    truncate: bool = False) -> Inode:
+        r = await self.call("data.flush", {"inode": node.to_wire(), "size": size,
+                                           "versions": list(versions.items()),
+                                           "truncate": truncate})
+        return Inode.from_wire(r.fields["inode"])
+
+    async def fsync(self, ino: int, timeout: float = 300) -> None:
+        await self.call("data.fsync", {"ino": ino, "timeout": timeout}, timeout=timeout + 10)
+
+    # cluster ----------------------------------------------------------------
+
+    async def status(self) -> dict:
+        return (await self.call("cluster.status")).fields
+
+    async def drain(self, timeout: float = 600) -> None:
+        await self.call("cluster.drain", {"timeout": timeout}, timeout=timeout + 10)

@@ -1,0 +1,550 @@
+"""An objcache node (``objcache server``): one replica of one group, the
+group's chunk cache, and the services every node offers over RPC.
+
+Identity: ``DATA_DIR/node.json`` holds (node id, group id, cluster id) once
+the node has joined; a restarted node comes back as itself. The first node
+(no ``--join``) bootstraps the cluster: node 1 in group 1, the root group,
+which also replicates the membership. Others ask any node to join
+(``cluster.join``); the root group assigns a node id and a group.
+
+Services (RPC methods):
+  raft.*                  Raft messages between replicas (raft/host.py)
+  group.propose/read      propose to / read from a group this node leads
+  chunk.read/write        the data path at a chunk owner (engine/data.py)
+  meta.*                  namespace operations (any node coordinates)
+  data.read/write/flush   file I/O for clients (any node)
+  cluster.*               join, membership, status, drain
+
+Routing: ``NodeRouter`` reaches any group's leader: locally when this node
+leads it, else over RPC to a member (following not-leader hints).
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+import os
+import time
+
+import msgpack
+
+from objcache.backend.s3 import S3Store
+from objcache.cache import ChunkCache
+from objcache.cluster.ring import Ring
+from objcache.meta.model import ROOT, Inode, Kind
+from objcache.meta.namespace import Namespace
+from objcache.meta.reads import serve as serve_read
+from objcache.raft.driver import GroupOptions, RaftGroup
+from objcache.raft.host import RaftHost
+from objcache.raft.storage import RaftStorage
+from objcache.raft.types import ConfState, NotLeader, ProposalDropped
+from objcache.rpc import ClientPool, HandlerError, RemoteError, RpcError, RpcServer
+from objcache.txn.coordinator import Coordinator, Resolver
+
+from .data import ChunkService, DataClient
+from .machine import GroupMachine
+from .writeback import WriteBack
+
+log = logging.getLogger(__name__)
+
+ROOT_GROUP = 1
+
+
+class NodeConfig:
+    def __init__(self, data_dir: str, listen: tuple[str, int], bucket: str, prefix: str = "",
+                 *, endpoint_url: str | None = None, join: tuple[str, int] | None = None,
+                 replicas: int = 1, cache_size: int = 4 << 30, memory_fraction: float = 0.25,
+                 chunk_size: int = 8 << 20, secret: bytes = b"", writeback_delay: float = 5.0,
+                 tick_seconds: float = 0.05, advertise: str | None = None):
+        if chunk_size < (5 << 20) and chunk_size & (chunk_size - 1):
+            raise ValueError("chunk size must be >= 5 MiB or a power of two (tests)")
+        self.data_dir = data_dir
+        self.listen = listen
+        self.bucket = bucket
+        self.prefix = prefix
+        self.endpoint_url = endpoint_url
+        self.join = join
+        self.replicas = replicas
+        self.cache_size = cache_size
+        self.memory_fraction = memory_fraction
+        self.chunk_size = chunk_size
+        self.secret = secret
+        self.writeback_delay = writeback_delay
+        self.tick_seconds = tick_seconds
+        self.advertise = advertise
+
+
+def _addr(s: str) -> tuple[str, int]:
+    host, _, port = s.rpartition(":")
+    return host, int(port)
+
+
+class NodeRouter:
+    """GroupRouter over the cluster: propose/read at any group's leader."""
+
+    def __init__(self, node: "Node"):
+        self.node = node
+        self.leader_hint: dict[int, int] = {}
+
+    def _members(self, g: int) -> list[int]:
+        return list(self.node.cluster["groups"].get(g, []))
+
+    async def _at_leader(self, g: int, method: str, fields: dict, payload=None,
+                         timeout: float = 10.0):
+        node = self.node
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        members = self._members(g)
+        if not members:
+            raise OSError(errno.EHOSTUNREACH, f"group {g} is unknown")
+        order = ([self.leader_hint[g]] if g in self.leader_hint else []) + members
+        i = 0
+        while True:
+            target = order[i % len(order)]
+            i += 1
+            if target == node.node_id:
+                handler = node.local_handlers[method]
+                try:
+                    result = await handler(None, fields, payload)
+                    if isinstance(result, tuple):
+                        return result[0], result[1]
+                    return result or {}, None
+                except HandlerError as exc:
+                    if exc.code != "not_leader":
+                        raise RemoteError(exc.code, str(exc), details=exc.details) from None
+                    hint = (exc.details or {}).get("leader")
+            else:
+                addr = node.cluster["nodes"].get(target)
+                try:
+                    r = await node.pool.get(*_addr(addr)).call(
+                        method, fields, payload, timeout=max(0.1, end - loop.time()))
+                    self.leader_hint[g] = target
+                    return r.fields, r.payload
+                except RemoteError as exc:
+                    if exc.code != "not_leader":
+                        raise
+                    hint = (exc.details or {}).get("leader")
+                except RpcError:
+                    hint = None
+            if hint:
+                order.insert(i, hint)
+                self.leader_hint[g] = hint
+            if loop.time() > end:
+                raise OSError(errno.ETIMEDOUT, f"no leader of group {g} answered")
+            if i % len(order) == 0:
+                await asyncio.sleep(0.02)
+
+    async def propose(self, group: int, command: list, timeout: float | None = 10.0) -> list:
+        fields, _ = await self._at_leader(group, "group.propose",
+                                          {"g": group, "c": msgpack.packb(command)},
+                                          timeout=timeout or 10.0)
+        return fields["r"]
+
+    async def read(self, group: int, request: list, timeout: float | None = 10.0) -> list:
+        fields, _ = await self._at_leader(group, "group.read", {"g": group, "q": request},
+                                          timeout=timeout or 10.0)
+        return fields["r"]
+
+    async def service(self, group: int):
+        """The chunk service of ``group``'s leader (local object or proxy)."""
+        node = self.node
+        if group == node.group_id and node.group.is_leader:
+            return node.chunks
+        return _ChunkProxy(self, group)
+
+
+class _ChunkProxy:
+    """ChunkService's methods over RPC to the group's leader."""
+
+    def __init__(self, router: NodeRouter, group: int):
+        self.router = router
+        self.group = group
+
+    async def read(self, inode, index, version, *, s3, from_bucket, size, ahead=None):
+        fields, payload = await self.router._at_leader(
+            self.group, "chunk.read", {"g": self.group, "i": inode, "x": index, "v": version,
+                                       "s3": s3, "b": from_bucket, "n": size, "a": ahead})
+        if fields.get("none"):
+            return None
+        return _Bytes(payload if payload is not None else b"")
+
+    async def write(self, inode, index, offset, data, *, epoch_base, s3, s3_size):
+        fields, _ = await self.router._at_leader(
+            self.group, "chunk.write", {"g": self.group, "i": inode, "x": index, "o": offset,
+                                        "e": epoch_base, "s3": s3, "n": s3_size}, data)
+        return fields["v"]
+
+
+class _Bytes:
+    """A ChunkView look-alike for data that arrived over RPC."""
+    __slots__ = ("data", "length")
+
+    def __init__(self, data):
+        self.data = memoryview(data)
+        self.length = len(self.data)
+
+    def release(self):
+        pass
+
+
+class Node:
+    def __init__(self, cfg: NodeConfig):
+        self.cfg = cfg
+        self.node_id = 0
+        self.group_id = 0
+        self.cluster: dict = {"nodes": {}, "groups": {}, "ring": [], "version": 0}
+        self._tasks: list[asyncio.Task] = []
+        self.started = time.time()
+
+    # ------------------------------------------------------------ identity
+
+    @property
+    def address(self) -> str:
+        return self.cfg.advertise or f"{self.cfg.listen[0]}:{self.server.port}"
+
+    def _identity_path(self) -> str:
+        return os.path.join(self.cfg.data_dir, "node.json")
+
+    def _load_identity(self) -> dict | None:
+        try:
+            with open(self._identity_path()) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+
+    def _save_identity(self, ident: dict) -> None:
+        tmp = self._identity_path() + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(ident, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._identity_path())
+        fd = os.open(self.cfg.data_dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        if cfg.replicas != 1:
+            raise ValueError("--replicas above 1 is not supported by the node yet "
+                             "(Raft groups of 3 work in-process; see docs/storage-engine.md)")
+        os.makedirs(cfg.data_dir, exist_ok=True)
+        self.pool = ClientPool(cfg.secret, connect_timeout=2.0, backoff_max=1.0,
+                               max_payload=1 << 30)
+        self.router = NodeRouter(self)
+        self.host = RaftHost(0, self.pool)
+        handlers = self._handlers()
+        self.local_handlers = handlers
+        self.server = RpcServer(handlers, cfg.secret, max_payload=1 << 30)
+        await self.server.start(*cfg.listen)
+        ident = self._load_identity()
+        if ident is None:
+            ident = await self._join()
+            self._save_identity(ident)
+        self.node_id, self.group_id = ident["node"], ident["group"]
+        self.host.node_id = self.node_id
+        members = ident["members"]
+        self.store = S3Store(cfg.bucket, cfg.prefix, endpoint_url=cfg.endpoint_url)
+        mem = max(cfg.chunk_size * 4, int(cfg.cache_size * cfg.memory_fraction))
+        mem -= mem % cfg.chunk_size
+        self.cache = ChunkCache(os.path.join(cfg.data_dir, "cache"), memory_bytes=mem,
+                                disk_bytes=max(cfg.chunk_size * 8, cfg.cache_size - mem),
+                                chunk_size=cfg.chunk_size)
+        await self.cache.open()
+        self.storage = await RaftStorage.open(os.path.join(cfg.data_dir, "raft",
+                                                           f"g{self.group_id}"))
+        self.machine = GroupMachine(self.group_id, self.cache, cfg.chunk_size)
+        opts = GroupOptions(tick_seconds=cfg.tick_seconds)
+        self.group = RaftGroup(self.group_id, self.node_id, self.storage, self.machine,
+                               self.host, opts, bootstrap=ConfState(frozenset(members)))
+        self.host.add_group(self.group)
+        if ident.get("cluster"):
+            self._set_cluster(ident["cluster"])
+        await self.group.start()
+        if ident.get("bootstrap") and self.group_id == ROOT_GROUP:
+            await self.group.wait_leader(30)
+            r = await self.router.propose(ROOT_GROUP, ["join", self.address, cfg.replicas])
+            if r[0] != "ok":
+                raise RuntimeError(f"bootstrap failed: {r}")
+        self.chunks = ChunkService(self.group, self.store, cfg.chunk_size)
+        self.data = DataClient(self.router.service, self.ring, self.router, cfg.chunk_size)
+        self.coordinator = Coordinator(self.router)
+        self.ns = Namespace(self.router, self.ring, self.store, coordinator=self.coordinator,
+                            default_uid=os.getuid(), default_gid=os.getgid())
+        self.writeback = WriteBack(self.group, self.store, self.data, self.router,
+                                   chunk_size=cfg.chunk_size, delay=cfg.writeback_delay)
+        self.resolver = Resolver(self.group_id, self.machine.state, self.router)
+        await self.refresh_cluster()
+        self._tasks = [asyncio.create_task(self._refresh_loop(), name="cluster-refresh"),
+                       asyncio.create_task(self.writeback.run(), name="write-back"),
+                       asyncio.create_task(self.resolver.run(lambda: self.group.is_leader),
+                                           name="txn-resolver")]
+        self._root_ready = False
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except BaseException:  # noqa: BLE001 - shutting down
+                pass
+        await self.server.close()
+        await self.group.stop()
+        await self.host.close()
+        await self.pool.close()
+        await self.storage.close()
+        await self.cache.close()
+        await self.store.close()
+
+    async def _join(self) -> dict:
+        cfg = self.cfg
+        if cfg.join is None:
+            return {"node": 1, "group": ROOT_GROUP, "members": [1], "bootstrap": True,
+                    "cluster": {"nodes": {1: f"{cfg.listen[0]}:{self.server.port}"},
+                                "groups": {1: [1]}, "ring": [1], "version": 0}}
+        client = self.pool.get(*cfg.join)
+        r = await client.call("cluster.join", {"address": self.address,
+                                               "replicas": cfg.replicas}, timeout=30)
+        f = r.fields
+        return {"node": f["node"], "group": f["group"], "members": f["members"],
+                "cluster": f["cluster"]}
+
+    # ------------------------------------------------------------ cluster map
+
+    def _set_cluster(self, c: dict) -> None:
+        c = dict(c)
+        c["nodes"] = {int(k): v for k, v in c["nodes"].items()}
+        c["groups"] = {int(k): list(v) for k, v in c["groups"].items()}
+        if c.get("version", 0) < self.cluster.get("version", -1) and self.cluster["nodes"]:
+            return
+        self.cluster = c
+        self._ring = Ring(c["ring"] or [ROOT_GROUP], version=c["version"])
+        for nid, addr in c["nodes"].items():
+            self.host.set_address(nid, *_addr(addr))
+
+    def ring(self) -> Ring:
+        return self._ring
+
+    async def refresh_cluster(self) -> None:
+        try:
+            r = await self.router.read(ROOT_GROUP, ["cluster"], timeout=5)
+            if r[0] == "ok":
+                self._set_cluster(r[1])
+        except Exception as exc:  # noqa: BLE001 - keep the last known map
+            log.debug("cluster refresh failed: %r", exc)
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            await self.refresh_cluster()
+
+    async def ensure_root(self) -> None:
+        if self._root_ready:
+            return
+        r = await self.router.propose(ROOT_GROUP, ["freeze"])
+        await self.refresh_cluster()
+        await self.ns.ensure_root()
+        self._root_ready = r[0] == "ok"
+
+    # ------------------------------------------------------------ handlers
+
+    def _handlers(self) -> dict:
+        h = {}
+        h.update({"group.propose": self._h_propose, "group.read": self._h_read,
+                  "chunk.read": self._h_chunk_read, "chunk.write": self._h_chunk_write,
+                  "cluster.join": self._h_join, "cluster.map": self._h_map,
+                  "cluster.status": self._h_status, "cluster.drain": self._h_drain,
+                  "cluster.node_status": self._h_node_status,
+                  "cluster.flush_group": self._h_flush_group})
+        for name in ("getattr", "lookup", "readdir", "create", "mkdir", "symlink", "unlink",
+                     "rmdir", "rename", "link", "setattr"):
+            h["meta." + name] = self._meta_handler(name)
+        h.update({"data.read": self._h_data_read, "data.write": self._h_data_write,
+                  "data.flush": self._h_data_flush, "data.fsync": self._h_data_fsync})
+        h.update(self.host.handlers())
+        return h
+
+    def _local_group(self, g: int):
+        if g != self.group_id or not getattr(self, "group", None):
+            raise HandlerError("not_leader", f"group {g} is not on node {self.node_id}",
+                               {"leader": 0})
+        if not self.group.is_leader:
+            raise HandlerError("not_leader", "not the leader", {"leader": self.group.leader})
+        return self.group
+
+    async def _h_propose(self, ctx, fields, payload):
+        grp = self._local_group(fields["g"])
+        try:
+            r = await grp.propose(bytes(fields["c"]), timeout=10)
+        except NotLeader as exc:
+            raise HandlerError("not_leader", str(exc), {"leader": exc.leader}) from None
+        except ProposalDropped as exc:
+            raise HandlerError("not_leader", str(exc), {"leader": 0}) from None
+        return {"r": r}
+
+    async def _h_read(self, ctx, fields, payload):
+        grp = self._local_group(fields["g"])
+        try:
+            await grp.read_barrier(timeout=5)
+        except NotLeader as exc:
+            raise HandlerError("not_leader", str(exc), {"leader": exc.leader}) from None
+        return {"r": serve_read(self.machine.state, fields["q"])}
+
+    async def _h_chunk_read(self, ctx, fields, payload):
+        self._local_group(fields["g"])
+        view = await self.chunks.read(fields["i"], fields["x"], fields["v"], s3=fields["s3"],
+                                      from_bucket=fields["b"], size=fields["n"],
+                                      ahead=fields.get("a"))
+        if view is None:
+            return {"none": True}
+        try:
+            return {}, bytes(view.data)
+        finally:
+            view.release()
+
+    async def _h_chunk_write(self, ctx, fields, payload):
+        self._local_group(fields["g"])
+        v = await self.chunks.write(fields["i"], fields["x"], fields["o"], payload or b"",
+                                    epoch_base=fields["e"], s3=fields["s3"], s3_size=fields["n"])
+        return {"v": v}
+
+    async def _h_join(self, ctx, fields, payload):
+        r = await self.router.propose(ROOT_GROUP, ["join", fields["address"],
+                                                   int(fields.get("replicas", 1))])
+        if r[0] != "ok":
+            raise HandlerError("join_failed", r[2])
+        m = await self.router.read(ROOT_GROUP, ["cluster"])
+        return {"node": r[1], "group": r[2], "members": r[3], "cluster": m[1]}
+
+    async def _h_map(self, ctx, fields, payload):
+        return {"cluster": self.cluster}
+
+    async def _h_node_status(self, ctx, fields, payload):
+        st = self.group.status()
+        st.pop("progress", None)
+        pend = serve_read(self.machine.state, ["pending"]) if self.group.is_leader else None
+        return {"node": self.node_id, "group": self.group_id, "address": self.address,
+                "raft": st, "cache": {k: v for k, v in self.cache.stats.items()
+                                      if isinstance(v, (int, float))},
+                "pending": pend[1:] if pend else None, "uptime": time.time() - self.started}
+
+    async def _h_status(self, ctx, fields, payload):
+        await self.refresh_cluster()
+        nodes = []
+        for nid, addr in sorted(self.cluster["nodes"].items()):
+            if nid == self.node_id:
+                nodes.append(await self._h_node_status(None, {}, None))
+                continue
+            try:
+                r = await self.pool.get(*_addr(addr)).call("cluster.node_status", {}, timeout=3)
+                nodes.append(r.fields)
+            except (RpcError, OSError) as exc:
+                nodes.append({"node": nid, "address": addr, "error": repr(exc)})
+        return {"ring_version": self.cluster["version"], "ring": self.cluster["ring"],
+                "groups": self.cluster["groups"], "nodes": nodes}
+
+    async def _h_drain(self, ctx, fields, payload):
+        """Flush every dirty byte to the bucket; returns when every group
+        reports nothing pending."""
+        timeout = float(fields.get("timeout", 600))
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while True:
+            pending = 0
+            for g in self.cluster["groups"]:
+                fields2, _ = await self.router._at_leader(g, "cluster.flush_group", {"g": g})
+                pending += fields2["pending"]
+            if pending == 0:
+                return {"pending": 0}
+            if loop.time() > end:
+                raise HandlerError("timeout", f"{pending} items still pending")
+            await asyncio.sleep(0.1)
+
+    # -- meta / data for clients ------------------------------------------------
+
+    def _meta_handler(self, name):
+        async def handler(ctx, fields, payload):
+            await self.ensure_root()
+            try:
+                return await self._meta(name, fields)
+            except OSError as exc:
+                raise HandlerError("errno", exc.strerror or str(exc),
+                                   {"errno": exc.errno}) from None
+        return handler
+
+    async def _meta(self, name, f):
+        ns = self.ns
+        if name == "getattr":
+            return {"inode": (await ns.getattr(f["ino"])).to_wire()}
+        if name == "lookup":
+            return {"inode": (await ns.lookup(f["parent"], bytes(f["name"]))).to_wire()}
+        if name == "readdir":
+            return {"entries": [[n, c, int(k)] for n, c, k in await ns.readdir(f["ino"])]}
+        if name == "create":
+            return {"inode": (await ns.create(f["parent"], bytes(f["name"]), f["mode"],
+                                              f["uid"], f["gid"])).to_wire()}
+        if name == "mkdir":
+            return {"inode": (await ns.mkdir(f["parent"], bytes(f["name"]), f["mode"],
+                                             f["uid"], f["gid"])).to_wire()}
+        if name == "symlink":
+            return {"inode": (await ns.symlink(f["parent"], bytes(f["name"]),
+                                               bytes(f["target"]), f["uid"], f["gid"])).to_wire()}
+        if name == "unlink":
+            await ns.unlink(f["parent"], bytes(f["name"]))
+            return {}
+        if name == "rmdir":
+            await ns.rmdir(f["parent"], bytes(f["name"]))
+            return {}
+        if name == "rename":
+            await ns.rename(f["sp"], bytes(f["sn"]), f["dp"], bytes(f["dn"]),
+                            noreplace=bool(f.get("noreplace")))
+            return {}
+        if name == "link":
+            return {"inode": (await ns.link(f["ino"], f["parent"], bytes(f["name"]))).to_wire()}
+        if name == "setattr":
+            return {"inode": (await ns.setattr(f["ino"], f["fields"])).to_wire()}
+        raise HandlerError("bad_request", f"unknown meta op {name}")
+
+    async def _h_data_read(self, ctx, fields, payload):
+        await self.ensure_root()
+        node = Inode.from_wire(fields["inode"])
+        return {}, await self.data.read(node, fields["offset"], fields["length"])
+
+    async def _h_data_write(self, ctx, fields, payload):
+        await self.ensure_root()
+        node = Inode.from_wire(fields["inode"])
+        versions = await self.data.write(node, fields["offset"], payload or b"")
+        return {"versions": list(versions.items())}
+
+    async def _h_data_flush(self, ctx, fields, payload):
+        await self.ensure_root()
+        node = Inode.from_wire(fields["inode"])
+        await self.data.flush(node, fields["size"], dict(fields["versions"]),
+                              truncate=bool(fields.get("truncate")))
+        return {"inode": (await self.ns.getattr(node.id)).to_wire()}
+
+    async def _h_data_fsync(self, ctx, fields, payload):
+        """Wait until the bucket holds the inode's current data."""
+        ino = fields["ino"]
+        g = self.ring().meta_owner(ino)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + float(fields.get("timeout", 300))
+        while loop.time() < end:
+            fields2, _ = await self.router._at_leader(g, "cluster.flush_group",
+                                                      {"g": g, "only": ino})
+            node = await self.ns.getattr(ino)
+            if not node.dirty:
+                return {}
+            await asyncio.sleep(0.05)
+        raise HandlerError("timeout", "fsync timed out")
+
+    async def _h_flush_group(self, ctx, fields, payload):
+        self._local_group(fields["g"])
+        await self.writeback.run_once(force=True, only=fields.get("only"))
+        return {"pending": self.writeback.pending()}
