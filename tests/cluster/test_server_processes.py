@@ -109,3 +109,36 @@ def test_status_and_drain_commands(cluster):
                           cluster.addrs.split(",")[0]], env=dict(env, OBJCACHE_SECRET="wrong"),
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0
+
+
+def test_fsspec_filesystem(cluster):
+    import fsspec
+    from objcache.client.fs import ObjcacheFileSystem
+    fs = ObjcacheFileSystem(cluster=cluster.addrs, secret=SECRET, skip_instance_cache=True)
+    fs.mkdir("models/bert")
+    fs.pipe_file("models/bert/config.json", b'{"a": 1}')
+    assert fs.cat_file("models/bert/config.json") == b'{"a": 1}'
+    assert fs.cat_file("models/bert/config.json", start=2, end=5) == b'a":'
+    big = os.urandom(3 * (1 << 20) + 5)
+    with fs.open("models/bert/weights.bin", "wb", block_size=1 << 20) as f:
+        f.write(big[:1000])
+        f.write(big[1000:])
+    with fs.open("models/bert/weights.bin", "rb") as f:
+        f.seek(2 * (1 << 20))
+        assert f.read(100) == big[2 * (1 << 20):2 * (1 << 20) + 100]
+        f.seek(0)
+        assert f.read() == big
+    info = fs.info("models/bert/weights.bin")
+    assert info["size"] == len(big) and info["type"] == "file"
+    assert sorted(fs.ls("models/bert", detail=False)) == ["models/bert/config.json",
+                                                         "models/bert/weights.bin"]
+    fs.mv("models/bert/config.json", "models/config.json")
+    fs.fsync("models/config.json")
+    fs.rm("models/bert/weights.bin")
+    assert fs.ls("models/bert", detail=False) == []
+    with pytest.raises(FileNotFoundError):
+        fs.info("models/nope")
+    assert fsspec.get_filesystem_class("objcache") is ObjcacheFileSystem
+    s3 = cluster.s3.client()
+    body = s3.get_object(Bucket=cluster.bucket, Key="pre/models/config.json")["Body"].read()
+    assert body == b'{"a": 1}'
