@@ -59,12 +59,14 @@ class ChunkService:
         return load
 
     async def read(self, inode: int, index: int, version: int, *, s3: list | None,
-                   from_bucket: bool, size: int, ahead: list | None = None):
+                   from_bucket: bool, size: int, ahead: list | None = None, base: int = -1):
         """A pinned view of chunk ``index`` at ``version``. ``s3`` =
         [key, etag] of the object holding the inode's uploaded data;
         ``from_bucket``: the bucket holds this version (may load from it);
         ``size``: the file's size (bounds the range); ``ahead``: the next
-        [index, version] pairs to read ahead."""
+        [index, version] pairs to read ahead; ``base``: the inode's
+        bucket-content version (a chunk still at it with no object is a
+        hole: None is returned and the reader sees zeros)."""
         if not self.group.is_leader:
             raise NotLeader(self.group.leader)
         cache = self.machine.cache
@@ -78,8 +80,10 @@ class ChunkService:
             st = i * cs
             return self._loader(s3[0], s3[1], st, max(0, min(cs, size - st)))
 
-        if length == 0 and version == 0:
+        if length == 0:
             return None
+        if version == base and s3 is None:
+            return None                             # never written, no object: a hole
         ra = [((inode, i), v, loader_for(i, v)) for i, v in (ahead or [])
               if loader_for(i, v) is not None]
         loader = loader_for(index, version)
@@ -157,17 +161,18 @@ class DataClient:
                 try:
                     view = await svc.read(node.id, i, v, s3=s3,
                                           from_bucket=from_bucket or v == node.base_version(),
-                                          size=node.size, ahead=ahead)
+                                          size=node.size, ahead=ahead,
+                                          base=node.base_version())
                     break
                 except NotLeader:
                     await asyncio.sleep(0.005 * (attempt + 1))
             else:
                 raise OSError(errno.EAGAIN, "no leader for the chunk's group")
+            lo = max(offset, i * cs) - i * cs
+            hi = min(end, (i + 1) * cs) - i * cs
             if view is None:
-                return b""
+                return bytes(hi - lo)               # a hole: never written, not in the bucket
             try:
-                lo = max(offset, i * cs) - i * cs
-                hi = min(end, (i + 1) * cs) - i * cs
                 got = bytes(view.data[lo:hi])
             finally:
                 view.release()

@@ -161,10 +161,11 @@ class _ChunkProxy:
         self.router = router
         self.group = group
 
-    async def read(self, inode, index, version, *, s3, from_bucket, size, ahead=None):
+    async def read(self, inode, index, version, *, s3, from_bucket, size, ahead=None, base=-1):
         fields, payload = await self.router._at_leader(
             self.group, "chunk.read", {"g": self.group, "i": inode, "x": index, "v": version,
-                                       "s3": s3, "b": from_bucket, "n": size, "a": ahead})
+                                       "s3": s3, "b": from_bucket, "n": size, "a": ahead,
+                                       "base": base})
         if fields.get("none"):
             return None
         return _Bytes(payload if payload is not None else b"")
@@ -400,7 +401,7 @@ class Node:
         self._local_group(fields["g"])
         view = await self.chunks.read(fields["i"], fields["x"], fields["v"], s3=fields["s3"],
                                       from_bucket=fields["b"], size=fields["n"],
-                                      ahead=fields.get("a"))
+                                      ahead=fields.get("a"), base=fields.get("base", -1))
         if view is None:
             return {"none": True}
         try:

@@ -54,7 +54,8 @@ def s3_metadata(node: Inode) -> dict[str, str]:
 
 class WriteBack:
     def __init__(self, group, store, data, router, *, chunk_size: int, delay: float = 5.0,
-                 single_put_max: int = 16 << 20, concurrency: int = 4, clock=time.time):
+                 single_put_max: int = 16 << 20, concurrency: int = 4, clock=time.time,
+                 namespace=None):
         self.group = group                  # RaftGroup with a GroupMachine
         self.store = store
         self.data = data                    # DataClient
@@ -64,8 +65,11 @@ class WriteBack:
         self.single_put_max = single_put_max
         self.concurrency = concurrency
         self.clock = clock
-        self.stats = {"uploads": 0, "copies": 0, "deletes": 0, "failures": 0, "bytes": 0}
+        self.ns = namespace                 # for relocating renamed directories
+        self.stats = {"uploads": 0, "copies": 0, "deletes": 0, "failures": 0, "bytes": 0,
+                      "relocations": 0}
         self._busy: set[int] = set()
+        self._remote_prefix: dict[int, str] = {}
 
     @property
     def state(self):
@@ -77,17 +81,43 @@ class WriteBack:
     def pending(self) -> int:
         """Inodes and tombstones this group still owes the bucket."""
         st = self.state
-        return sum(1 for n in st.inodes.values() if self._owed(n)) + len(st.tombstones)
+        return (sum(1 for n in st.inodes.values() if self._owed(n)) + len(st.tombstones)
+                + sum(1 for d in st.dirs.values() if d.moved))
 
     def _owed(self, n: Inode) -> bool:
         if n.dirty:
             return True
-        return n.kind != Kind.DIR and n.s3 is not None and n.name != b"" and \
-            n.s3.key != self._key_of_cached(n)
+        if n.kind == Kind.DIR or n.s3 is None or n.name == b"":
+            return False
+        key = self._key_of_cached(n)
+        return key is not None and n.s3.key != key
 
     def _key_of_cached(self, n: Inode) -> str | None:
+        """The key ``n`` should be at, from this group's directories or the
+        prefixes of other groups' directories read this pass (None: not
+        known yet — then nothing is owed until it is)."""
         d = self.state.dirs.get(n.parent)
-        return None if d is None else d.s3_prefix + n.name.decode()
+        if d is not None:
+            return d.s3_prefix + n.name.decode()
+        prefix = self._remote_prefix.get(n.parent)
+        return None if prefix is None else prefix + n.name.decode()
+
+    async def _refresh_remote_prefixes(self) -> None:
+        """Prefixes of parent directories living in other groups (a file
+        renamed into one keeps its inode here)."""
+        st = self.state
+        parents = {n.parent for n in st.inodes.values()
+                   if n.kind != Kind.DIR and n.parent and n.parent not in st.dirs}
+        ring = self.data.ring()
+        fresh = {}
+        for p in parents:
+            try:
+                r = await self.router.read(ring.meta_owner(p), ["dirinfo", p])
+            except Exception:  # noqa: BLE001 - unknown this pass
+                continue
+            if r[0] == "ok" and not r[5]:
+                fresh[p] = r[1]
+        self._remote_prefix = fresh
 
     async def _key_of(self, n: Inode) -> str:
         if n.kind == Kind.DIR:
@@ -108,6 +138,7 @@ class WriteBack:
         """One pass; returns how many inodes/tombstones it finished."""
         if not self.group.is_leader:
             return 0
+        await self._refresh_remote_prefixes()
         now = self.clock()
         todo = [n.copy() for n in self.state.inodes.values()
                 if (only is None or n.id == only) and n.id not in self._busy
@@ -128,9 +159,14 @@ class WriteBack:
                 finally:
                     self._busy.discard(n.id)
 
-        # Deletions first: a key removed and then created again (rmdir then
-        # mkdir, unlink then create) must end up holding the new object.
-        done = 0 if only is not None else await self._delete_tombstones()
+        # Relocations first (they change keys), then deletions: a key removed
+        # and then created again (rmdir then mkdir, unlink then create) must
+        # end up holding the new object.
+        done = 0
+        if only is None:
+            for d in [d for d, dr in self.state.dirs.items() if dr.moved]:
+                done += await self._relocate(d)
+            done += await self._delete_tombstones()
         done += sum(await asyncio.gather(*(one(n) for n in todo)))
         return done
 
@@ -188,6 +224,47 @@ class WriteBack:
                                                  concurrency=self.concurrency)
         return etag, size
 
+    async def _relocate(self, d: int) -> int:
+        """Move a renamed directory's objects to its new prefix: once its
+        parent is settled, give every entry only the bucket knows (at the
+        old prefix) an inode, switch the directory to the new prefix (each
+        file's write-back then copies it there; the old marker goes), and
+        mark its subdirectories for relocation in turn. Returns 1 when done,
+        0 to retry on a later pass."""
+        if self.ns is None:
+            return 0
+        st = self.state
+        node = st.inodes.get(d)
+        if node is None or node.parent == 0:
+            return 0
+        try:
+            g = self.data.ring().meta_owner(node.parent)
+            r = await self.router.read(g, ["dirinfo", node.parent])
+            if r[0] != "ok" or r[5]:
+                return 0                            # the parent relocates first
+            new = r[1] + node.name.decode() + "/"
+            dr = st.dirs[d]
+            if not dr.listed:
+                await self.ns.load_listing(d)
+            for name, e in list(st.dirs[d].entries.items()):
+                if e.child == 0:
+                    await self.ns.lookup(d, name)
+            subdirs = [e.child for e in st.dirs[d].entries.values()
+                       if e.kind == Kind.DIR and e.child]
+            r = await self.propose(["tx", new_txn_id(), [["setprefix", d, new]]])
+            if r[0] != "ok":
+                return 0
+            ring = self.data.ring()
+            for c in subdirs:
+                await self.router.propose(ring.meta_owner(c), ["tx", new_txn_id(),
+                                                               [["dirmoved", c]]])
+            self.stats["relocations"] += 1
+            return 1
+        except Exception as exc:  # noqa: BLE001 - retried on the next pass
+            self.stats["failures"] += 1
+            log.warning("relocating directory %d failed: %r", d, exc)
+            return 0
+
     async def _mark_chunks_clean(self, n: Inode) -> None:
         ring = self.data.ring()
         for idx, v in n.chunks.items():
@@ -201,9 +278,7 @@ class WriteBack:
         done = 0
         for key, etag in list(self.state.tombstones.items()):
             try:
-                head = await self.store.head(key)
-                if head is not None and (etag == "" or head.etag == etag):
-                    await self.store.delete(key)
+                if await self._delete_unclaimed(key, etag):
                     self.stats["deletes"] += 1
                 r = await self.propose(["tx", new_txn_id(), [["untomb", key, etag]]])
                 if r[0] == "ok":
@@ -212,6 +287,61 @@ class WriteBack:
                 self.stats["failures"] += 1
                 log.warning("deleting %r failed: %r", key, exc)
         return done
+
+    async def _delete_unclaimed(self, key: str, etag: str) -> bool:
+        """Delete ``key`` unless a live name maps to it now.
+
+        The name is found by walking the key's path from the root. If its
+        directory exists, an ``absent(dir, name)`` prepare in that
+        directory's group locks the name while the object is deleted, so a
+        create or mkdir of the same name (whose write-back would write the
+        key anew) waits for us instead of being deleted by us; if the name
+        is bound, the live entry owns the key and nothing is deleted. If
+        the path's directory does not exist, nothing can claim the key
+        except by creating that directory first (a window of one HEAD and
+        one DELETE; documented in docs/storage-engine.md)."""
+        is_marker = key.endswith("/")
+        path = key[:-1] if is_marker else key
+        parent_path, _, name = path.rpartition("/")
+        kind = int(Kind.DIR if is_marker else Kind.FILE)
+        gate = None
+        if self.ns is not None and name:
+            try:
+                parent = await self._resolve_dir(parent_path)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                    raise
+                parent = None
+            if parent is not None:
+                g = self.data.ring().meta_owner(parent)
+                txn = new_txn_id()
+                r = await self.router.propose(g, ["prep", txn, g,
+                                                  [["absent", parent, name.encode(), kind]],
+                                                  self.clock() + 30])
+                if r[0] != "ok":
+                    if r[1] == errno.EEXIST:
+                        return False                # a live entry owns the key
+                    raise OSError(r[1], r[2])
+                gate = (g, txn)
+        try:
+            head = await self.store.head(key)
+            if head is not None and (etag == "" or head.etag == etag):
+                await self.store.delete(key)
+                return True
+            return False
+        finally:
+            if gate is not None:
+                await self.router.propose(gate[0], ["decide", gate[1], False])
+
+    async def _resolve_dir(self, path: str) -> int:
+        from objcache.meta.model import ROOT
+        node = ROOT
+        for part in [p for p in path.split("/") if p]:
+            child = await self.ns.lookup(node, part.encode())
+            if child.kind != Kind.DIR:
+                raise OSError(errno.ENOTDIR, path)
+            node = child.id
+        return node
 
     async def run(self, interval: float = 1.0) -> None:
         while True:

@@ -167,23 +167,26 @@ class Directory:
     the first readdir or lookup miss) and ``listed_at`` when (leader's clock,
     carried in the log entry, so replicas agree). ``s3_prefix`` is where the
     directory's objects are in the bucket."""
-    __slots__ = ("entries", "listed", "listed_at", "s3_prefix")
+    __slots__ = ("entries", "listed", "listed_at", "s3_prefix", "moved")
 
     def __init__(self, s3_prefix: str, entries: dict[bytes, Entry] | None = None,
-                 listed: bool = False, listed_at: float = 0.0):
+                 listed: bool = False, listed_at: float = 0.0, moved: bool = False):
         self.entries: dict[bytes, Entry] = dict(entries or {})
         self.listed = listed
         self.listed_at = listed_at
         self.s3_prefix = s3_prefix
+        # The directory (or an ancestor) was renamed: its objects are still
+        # at ``s3_prefix`` and write-back relocates them (engine/writeback).
+        self.moved = moved
 
     def to_wire(self) -> list:
         return [self.s3_prefix, [(n, e.to_wire()) for n, e in self.entries.items()],
-                self.listed, self.listed_at]
+                self.listed, self.listed_at, self.moved]
 
     @classmethod
     def from_wire(cls, w) -> "Directory":
-        prefix, ents, listed, at = w
-        return cls(prefix, {bytes(n): Entry.from_wire(e) for n, e in ents}, listed, at)
+        prefix, ents, listed, at, moved = w
+        return cls(prefix, {bytes(n): Entry.from_wire(e) for n, e in ents}, listed, at, moved)
 
 
 def inode_group(inode: int) -> int:

@@ -153,7 +153,7 @@ class Namespace:
         the TTL)."""
         g = self._group(d)
         r = self._check(await self._read(g, ["dirinfo", d]), "readdir")
-        _, _prefix, listed, listed_at, _n = r
+        _, _prefix, listed, listed_at, _n, _moved = r
         if not listed or self.clock() - listed_at > self.list_ttl:
             await self.load_listing(d)
         r = self._check(await self._read(g, ["readdir", d]), "readdir")
@@ -345,6 +345,10 @@ class Namespace:
             return                                  # same file: POSIX says do nothing
         if dst is not None and noreplace:
             raise OSError(errno.EEXIST, f"{dn!r} exists")
+        if dst is not None and dst[1] == Kind.DIR and await self._is_ancestor(dst[0], sp):
+            # The target directory contains the source, so it is not empty
+            # (Linux's rename answers ENOTEMPTY here whatever the source is).
+            raise OSError(errno.ENOTEMPTY, f"{dn!r} is not empty")
         if kind == Kind.DIR:
             await self._check_not_ancestor(child, dp)
         now = _ns(self.clock())
@@ -373,7 +377,19 @@ class Namespace:
         if dpg != spg or dp != sp:
             add(dpg, ["setattr", dp, {"mtime_ns": now, "ctime_ns": now}])
         add(self._group(child), ["setattr", child, {"parent": dp, "name": dn, "ctime_ns": now}])
+        if kind == Kind.DIR:
+            add(self._group(child), ["dirmoved", child])    # write-back relocates it
         await self._run(parts, coordinator=spg)
+
+    async def _is_ancestor(self, d: int, node: int) -> bool:
+        """Is directory ``d`` ``node`` or one of its ancestors?"""
+        try:
+            await self._check_not_ancestor(d, node)
+            return False
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                return True
+            raise
 
     async def _check_not_ancestor(self, d: int, node: int) -> None:
         """EINVAL if directory ``d`` is ``node`` or one of its ancestors

@@ -37,6 +37,7 @@ An *op* is a precondition plus an effect on records this group owns:
   ["alloc", counter]                           inode counter high-water mark
   ["uploaded", id, version, s3_wire]           write-back finished
   ["tombstone", key, etag] / ["untomb", key, etag]  bucket keys to delete / deleted
+  ["dirmoved", dir] / ["setprefix", dir, prefix]    directory relocation (write-back)
 
 Invariants:
 * An op touches only records of this group (the proposer checks the ring).
@@ -85,6 +86,8 @@ def _key_inode(i: int) -> tuple:
 def op_keys(op: list) -> list[tuple]:
     """The lock keys an op changes or depends on."""
     kind = op[0]
+    if kind == "absent":
+        return [_key_entry(op[1], op[2])]
     if kind in ("mkentry", "rmentry"):
         keys = [_key_entry(op[1], op[2])]
         if kind == "mkentry":
@@ -92,7 +95,8 @@ def op_keys(op: list) -> list[tuple]:
         return keys
     if kind == "mkinode":
         return [_key_inode(op[1][0])]
-    if kind in ("setattr", "nlink", "rmdir", "isdir_empty", "flush", "uploaded"):
+    if kind in ("setattr", "nlink", "rmdir", "isdir_empty", "flush", "uploaded",
+                "dirmoved", "setprefix"):
         return [_key_inode(op[1])]
     if kind in ("alloc", "tombstone", "untomb"):
         return []
@@ -404,6 +408,9 @@ class GroupState:
             elif kind in ("setattr", "nlink", "flush", "uploaded"):
                 if op[1] not in self.inodes and op[1] not in created:
                     raise OpError(errno.ENOENT, f"inode {op[1]} does not exist")
+            elif kind in ("dirmoved", "setprefix"):
+                if op[1] not in self.dirs and op[1] not in created:
+                    raise OpError(errno.ENOENT, f"directory {op[1]} does not exist")
             elif kind in ("rmdir", "isdir_empty"):
                 dr = self.dirs.get(op[1])
                 if dr is None:
@@ -413,6 +420,17 @@ class GroupState:
                 names = [n for n in dr.entries if removed.get((op[1], n), 0) is not None]
                 if names:
                     raise OpError(errno.ENOTEMPTY, f"directory {op[1]} is not empty")
+            elif kind == "absent":
+                # Precondition only: no entry of this kind has the name (a
+                # write-back about to delete the name's old object holds
+                # this, prepared, so nothing can create it meanwhile).
+                _, d, name, k = op
+                key = (d, bytes(name))
+                cur = removed[key] if key in removed else self._bound(d, bytes(name))
+                if cur is not None:
+                    e = self.dirs[d].entries.get(bytes(name)) if d in self.dirs else None
+                    if e is None or e.kind == Kind(k):
+                        raise OpError(errno.EEXIST, f"{bytes(name)!r} exists")
             elif kind in ("alloc", "tombstone", "untomb"):
                 pass
             else:
@@ -471,6 +489,25 @@ class GroupState:
             dr = self.dirs.pop(op[1], None)
             if dr is not None and dr.s3_prefix:
                 self.tombstones[dr.s3_prefix] = ""  # the marker, if there is one
+            return None
+        if kind == "absent":
+            return None
+        if kind == "dirmoved":
+            self.dirs[op[1]].moved = True
+            return None
+        if kind == "setprefix":
+            # Relocated: the directory's objects now go under the new prefix
+            # (write-back copies each file; the old marker is deleted and a
+            # new one written).
+            _, d, prefix = op
+            dr = self.dirs[d]
+            if dr.s3_prefix and dr.s3_prefix != prefix:
+                self.tombstones[dr.s3_prefix] = ""
+            dr.s3_prefix = prefix
+            dr.moved = False
+            ino = self.inodes.get(d)
+            if ino is not None:
+                ino.data_version += 1
             return None
         if kind == "tombstone":
             self.tombstones[op[1]] = op[2]

@@ -18,7 +18,7 @@ async def writebacks(e, **kw):
     for g in e.cluster.group_ids:
         leader = await e.cluster.leader(g)
         out.append(WriteBack(leader, e.store, e.data, e.cluster, chunk_size=CHUNK,
-                             delay=0, **kw))
+                             delay=0, namespace=e.ns, **kw))
     return out
 
 
@@ -166,3 +166,28 @@ def test_part_sizes_respect_s3_limits():
     big = 200 * 1024 * mib * 1024 // 1024          # 200 GiB
     p = part_size_for(big, 8 * mib)
     assert p % (8 * mib) == 0 and -(-big // p) <= 10_000
+
+
+def test_directory_rename_relocates_the_subtree(tmp_path):
+    async def main():
+        e = Engine(tmp_path)
+        for key in ("top/a.txt", "top/sub/b.txt", "top/sub/deeper/c.txt"):
+            await e.store.put(key, key.encode())
+        await e.start()
+        wbs = await writebacks(e)
+        top = await e.ns.lookup(ROOT, b"top")
+        await e.ns.readdir(top.id)                  # partly loaded, partly lazy
+        f = await e.ns.create(top.id, b"new.bin", 0o644, 0, 0)
+        await e.data.flush(f, 3, await e.data.write(f, 0, b"new"))
+        await e.ns.rename(ROOT, b"top", ROOT, b"renamed")
+        # Still readable before relocation, from the old keys.
+        sub = await e.ns.lookup((await e.ns.lookup(ROOT, b"renamed")).id, b"sub")
+        b = await e.ns.lookup(sub.id, b"b.txt")
+        assert await e.data.read(b, 0, 100) == b"top/sub/b.txt"
+        await drain(wbs)
+        assert await bucket(e) == {
+            "renamed/": b"", "renamed/a.txt": b"top/a.txt", "renamed/new.bin": b"new",
+            "renamed/sub/": b"", "renamed/sub/b.txt": b"top/sub/b.txt",
+            "renamed/sub/deeper/": b"", "renamed/sub/deeper/c.txt": b"top/sub/deeper/c.txt"}
+        await e.close()
+    run(main())
