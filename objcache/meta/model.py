@@ -166,11 +166,21 @@ class Directory:
     ``listed`` tells whether the bucket listing has been loaded (lazily, on
     the first readdir or lookup miss) and ``listed_at`` when (leader's clock,
     carried in the log entry, so replicas agree). ``s3_prefix`` is where the
-    directory's objects are in the bucket."""
-    __slots__ = ("entries", "listed", "listed_at", "s3_prefix", "moved")
+    directory's objects are in the bucket.
+
+    ``departed`` remembers names removed or renamed away whose bucket
+    objects may still exist (write-back deletes or moves them later), so that
+    a re-listing does not bring them back: name -> [ETag ("" for a
+    directory prefix), log index of the removal, listing generation that
+    last saw it]. A mark goes when a complete listing that started after the
+    removal no longer sees the name, when a listing shows an object with a
+    different ETag (somebody else's new object: it is shown), or when the
+    name is bound again."""
+    __slots__ = ("entries", "listed", "listed_at", "s3_prefix", "moved", "departed")
 
     def __init__(self, s3_prefix: str, entries: dict[bytes, Entry] | None = None,
-                 listed: bool = False, listed_at: float = 0.0, moved: bool = False):
+                 listed: bool = False, listed_at: float = 0.0, moved: bool = False,
+                 departed: dict[bytes, list] | None = None):
         self.entries: dict[bytes, Entry] = dict(entries or {})
         self.listed = listed
         self.listed_at = listed_at
@@ -178,15 +188,18 @@ class Directory:
         # The directory (or an ancestor) was renamed: its objects are still
         # at ``s3_prefix`` and write-back relocates them (engine/writeback).
         self.moved = moved
+        self.departed: dict[bytes, list] = dict(departed or {})
 
     def to_wire(self) -> list:
         return [self.s3_prefix, [(n, e.to_wire()) for n, e in self.entries.items()],
-                self.listed, self.listed_at, self.moved]
+                self.listed, self.listed_at, self.moved, list(self.departed.items())]
 
     @classmethod
     def from_wire(cls, w) -> "Directory":
-        prefix, ents, listed, at, moved = w
-        return cls(prefix, {bytes(n): Entry.from_wire(e) for n, e in ents}, listed, at, moved)
+        prefix, ents, listed, at, moved = w[:5]
+        departed = {bytes(n): list(m) for n, m in w[5]} if len(w) > 5 else {}
+        return cls(prefix, {bytes(n): Entry.from_wire(e) for n, e in ents}, listed, at, moved,
+                   departed)
 
 
 def inode_group(inode: int) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import random
 import stat
 import time
 from typing import Callable
@@ -55,7 +56,9 @@ class Namespace:
         self._pools: dict[int, list[int]] = {}      # group -> reserved counters
         self._pool_locks: dict[int, asyncio.Lock] = {}
         self._listing: dict[int, asyncio.Future] = {}
-        self._gen = int(self.clock() * 1000)        # listing generations (monotonic per process)
+        # Listing generations: random, so that listings by different clients
+        # of one directory never share one.
+        self._gen_rng = random.Random()
 
     # ------------------------------------------------------------ plumbing
 
@@ -153,7 +156,7 @@ class Namespace:
         the TTL)."""
         g = self._group(d)
         r = self._check(await self._read(g, ["dirinfo", d]), "readdir")
-        _, _prefix, listed, listed_at, _n, _moved = r
+        listed, listed_at = r[2], r[3]
         if not listed or self.clock() - listed_at > self.list_ttl:
             await self.load_listing(d)
         r = self._check(await self._read(g, ["readdir", d]), "readdir")
@@ -172,9 +175,8 @@ class Namespace:
     async def _load_listing(self, d: int) -> None:
         g = self._group(d)
         r = self._check(await self._read(g, ["dirinfo", d]), "list")
-        prefix = r[1]
-        self._gen += 1
-        gen = self._gen
+        prefix, start = r[1], r[6]
+        gen = self._gen_rng.getrandbits(62)
         hidden: list[str] = []
         async for page in self.store.list(prefix, delimiter="/", page_size=self.list_page):
             rows = nm.entries_from_page(prefix, page, hidden)
@@ -182,8 +184,8 @@ class Namespace:
                 self._check(await self.router.propose(g, ["listing", d, gen, rows, False, 0.0]),
                             "listing")
         nm.warn_hidden(prefix, hidden)
-        self._check(await self.router.propose(g, ["listing", d, gen, [], True, self.clock()]),
-                    "listing")
+        self._check(await self.router.propose(
+            g, ["listing", d, gen, [], True, self.clock(), start]), "listing")
 
     async def _materialize(self, parent: int, name: bytes, kind: Kind, info) -> Inode:
         """Give a lazy entry (seen in a listing) an inode."""
@@ -235,15 +237,23 @@ class Namespace:
             await self.load_listing(d)
         return r[1]
 
-    async def _entry(self, parent: int, name: bytes) -> tuple[int, Kind] | None:
-        """(child, kind) bound to name (materializing a lazy one), or None."""
+    async def _entry(self, parent: int, name: bytes) -> Inode | None:
+        """The inode bound to name (materializing a lazy one), or None."""
         try:
-            node = await self.lookup(parent, name)
+            return await self.lookup(parent, name)
         except OSError as exc:
             if exc.errno == errno.ENOENT:
                 return None
             raise
-        return node.id, node.kind
+
+    @staticmethod
+    def _departed(node: Inode) -> str | None:
+        """rmentry's ``departed`` for a name bound to ``node``: what of it
+        the bucket may still hold, to hide from re-listings until
+        write-back has deleted or moved it."""
+        if node.kind == Kind.DIR:
+            return ""
+        return node.s3.etag if node.s3 is not None else None
 
     async def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int, *,
                      kind: Kind = Kind.FILE, target: bytes = b"") -> Inode:
@@ -285,12 +295,12 @@ class Namespace:
         found = await self._entry(parent, bytes(name))
         if found is None:
             raise OSError(errno.ENOENT, f"{name!r} not found")
-        child, kind = found
+        child, kind = found.id, found.kind
         if kind == Kind.DIR:
             raise OSError(errno.EISDIR, f"{name!r} is a directory")
         now = _ns(self.clock())
         pg = self._group(parent)
-        parts = {pg: [["rmentry", parent, bytes(name), child],
+        parts = {pg: [["rmentry", parent, bytes(name), child, self._departed(found)],
                       ["setattr", parent, {"mtime_ns": now, "ctime_ns": now}]]}
         parts.setdefault(self._group(child), []).append(["nlink", child, -1, now])
         await self._run(parts, coordinator=pg)
@@ -299,13 +309,13 @@ class Namespace:
         found = await self._entry(parent, bytes(name))
         if found is None:
             raise OSError(errno.ENOENT, f"{name!r} not found")
-        child, kind = found
+        child, kind = found.id, found.kind
         if kind != Kind.DIR:
             raise OSError(errno.ENOTDIR, f"{name!r} is not a directory")
         await self._ensure_listed(child)
         now = _ns(self.clock())
         pg = self._group(parent)
-        parts = {pg: [["rmentry", parent, bytes(name), child],
+        parts = {pg: [["rmentry", parent, bytes(name), child, self._departed(found)],
                       ["setattr", parent, {"mtime_ns": now, "ctime_ns": now}]]}
         parts.setdefault(self._group(child), []).append(["rmdir", child])
         await self._run(parts, coordinator=pg)
@@ -338,9 +348,10 @@ class Namespace:
         src = await self._entry(sp, sn)
         if src is None:
             raise OSError(errno.ENOENT, f"{sn!r} not found")
-        child, kind = src
+        child, kind = src.id, src.kind
         await self._ensure_listed(dp)
-        dst = await self._entry(dp, dn)
+        found = await self._entry(dp, dn)
+        dst = (found.id, found.kind) if found is not None else None
         if dst is not None and dst[0] == child:
             return                                  # same file: POSIX says do nothing
         if dst is not None and noreplace:
@@ -358,7 +369,7 @@ class Namespace:
         def add(g, op):
             parts.setdefault(g, []).append(op)
 
-        add(spg, ["rmentry", sp, sn, child])
+        add(spg, ["rmentry", sp, sn, child, self._departed(src)])
         add(spg, ["setattr", sp, {"mtime_ns": now, "ctime_ns": now}])
         if dst is None:
             add(dpg, ["mkentry", dp, dn, child, int(kind), None])

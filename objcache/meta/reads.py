@@ -10,7 +10,8 @@ Requests:
   ["lookup", dir, name]       -> ["ok", child, kind, info]  (child 0: lazy entry)
                                  ["err", ENODATA, ...] when the directory is not listed
   ["readdir", dir]            -> ["ok", [[name, child, kind], ...], listed, listed_at, prefix]
-  ["dirinfo", dir]            -> ["ok", prefix, listed, listed_at, n_entries, moved]
+  ["dirinfo", dir]            -> ["ok", prefix, listed, listed_at, n_entries, moved,
+                                   applied index]
   ["counter"]                 -> ["ok", counter]
   ["cluster"]                 -> ["ok", membership]  (root group)
   ["pending"]                 -> ["ok", dirty inodes, tombstones, dirty bytes, inodes, prepared]
@@ -60,7 +61,8 @@ def serve(state: GroupState, request: list) -> list:
             dr = state.dirs.get(d)
             if dr is None:
                 return err(errno.ENOENT, f"directory {d} not found")
-            return ok(dr.s3_prefix, dr.listed, dr.listed_at, len(dr.entries), dr.moved)
+            return ok(dr.s3_prefix, dr.listed, dr.listed_at, len(dr.entries), dr.moved,
+                      state.applied_index)
         if kind == "counter":
             return ok(state.counter)
         if kind == "cluster":

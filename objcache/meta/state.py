@@ -9,7 +9,9 @@ replica. Entries (msgpack arrays):
   ["coord", txn, commit, participants]     the coordinator's decision record
   ["abort_undecided", txn]                 coordinator: abort unless decided
   ["forget", txn]                          coordinator: decision acknowledged by all
-  ["listing", dir, gen, names, complete, at]  merge a bucket listing page (lazy entries)
+  ["listing", dir, gen, names, complete, at, start]  merge a bucket listing page
+                                           (lazy entries); start: applied index
+                                           read before the bucket was listed
   ["reserve", n]                           reserve n inode counters (returns the range)
   ["cwrite", ino, idx, off, data, size, eb]  a write into an owned chunk (new version)
   ["cbase", ino, idx, data, eb]            the bucket's chunk content as a local base
@@ -21,7 +23,11 @@ An *op* is a precondition plus an effect on records this group owns:
 
   ["mkentry", dir, name, child, kind, expect]  name absent (expect None) or bound to
                                                `expect` (replace); binds it to child
-  ["rmentry", dir, name, expect]               name bound to `expect`; unbinds it
+  ["rmentry", dir, name, expect, departed]     name bound to `expect`; unbinds it;
+                                               departed: None, or the ETag of the
+                                               name's bucket object ("" = a
+                                               directory prefix) to keep
+                                               hidden from re-listings
   ["mkinode", inode_wire, s3_prefix, listed]   id unused; creates it (and, for a
                                                directory, its entries record: a new
                                                directory is `listed` (empty, known);
@@ -245,7 +251,7 @@ class GroupState:
         self.decisions.pop(bytes(txn), None)
         return ok()
 
-    def _cmd_listing(self, d, gen, names, complete, at) -> Result:
+    def _cmd_listing(self, d, gen, names, complete, at, start=None) -> Result:
         """Merge one page of listing generation ``gen`` into directory
         ``d``: names not known locally become lazy entries (info =
         [gen, size, etag, mtime] for files, [gen] for directories); with
@@ -259,6 +265,13 @@ class GroupState:
             name = bytes(name)
             if _key_entry(d, name) in self.locks:
                 continue                            # a transaction owns it now
+            mark = dr.departed.get(name)
+            if mark is not None:
+                etag = info[1] if kind != Kind.DIR and info and len(info) > 1 else ""
+                if kind == Kind.DIR or not mark[0] or mark[0] == etag:
+                    mark[2] = gen                   # still there: keep it hidden
+                    continue
+                del dr.departed[name]               # a different object: show it
             cur = dr.entries.get(name)
             if cur is None or cur.child == 0:
                 dr.entries[name] = Entry(0, Kind(kind), [gen] + list(info or []))
@@ -267,6 +280,10 @@ class GroupState:
                          if e.child == 0 and e.info and e.info[0] != gen
                          and _key_entry(d, n) not in self.locks]:
                 del dr.entries[name]
+            if start is not None:
+                for name in [n for n, m in dr.departed.items()
+                             if m[1] < start and m[2] != gen]:
+                    del dr.departed[name]           # gone from the bucket
             dr.listed = True
             dr.listed_at = at
         return ok(len(dr.entries))
@@ -392,7 +409,7 @@ class GroupState:
                                   f"{bytes(name)!r} is not bound to {expect}")
                 removed[key] = child
             elif kind == "rmentry":
-                _, d, name, expect = op
+                d, name, expect = op[1:4]
                 key = (d, bytes(name))
                 cur = removed[key] if key in removed else self._bound(d, bytes(name))
                 if cur is None:
@@ -451,11 +468,16 @@ class GroupState:
         kind = op[0]
         if kind == "mkentry":
             _, d, name, child, k, _expect = op
-            self.dirs[d].entries[bytes(name)] = Entry(child, Kind(k))
+            dr = self.dirs[d]
+            dr.entries[bytes(name)] = Entry(child, Kind(k))
+            dr.departed.pop(bytes(name), None)
             return child
         if kind == "rmentry":
-            _, d, name, _expect = op
-            self.dirs[d].entries.pop(bytes(name), None)
+            d, name = op[1], bytes(op[2])
+            dr = self.dirs[d]
+            dr.entries.pop(name, None)
+            if len(op) > 4 and op[4] is not None:
+                dr.departed[name] = [op[4], self.applied_index, None]
             return None
         if kind == "mkinode":
             ino = Inode.from_wire(op[1])

@@ -28,6 +28,9 @@ class NamespaceModel(RuleBasedStateMachine):
         self.oracle.mkdir()
         self.loop = asyncio.new_event_loop()
         self.engine = self.run(Engine(self.tmp / "engine").start())
+        # Re-list the bucket on every readdir, so that listings race with the
+        # write-back passes below (what a long-running mount sees).
+        self.engine.ns.list_ttl = 0
         self.errors = 0
         self.history: list[str] = []
 
@@ -168,6 +171,25 @@ class NamespaceModel(RuleBasedStateMachine):
             await self.engine.ns.rename(sp.id, sn, dp.id, dn)
         self.expect(lambda: os.rename(self.oracle / src, self.oracle / dst), engine())
 
+    @rule()
+    def write_back_pass(self):
+        """One write-back pass on every group mid-run: uploads, copies for
+        renames, tombstone deletes, directory relocations."""
+        async def go():
+            for wb in await self._write_backs():
+                await wb.run_once(force=True)
+        self.history.append("write_back_pass")
+        self.run(go())
+
+    async def _write_backs(self):
+        e = self.engine
+        wbs = []
+        for g in e.cluster.group_ids:
+            leader = await e.cluster.leader(g)
+            wbs.append(WriteBack(leader, e.store, e.data, e.cluster, chunk_size=CHUNK, delay=0,
+                                 namespace=e.ns))
+        return wbs
+
     # -- invariants ------------------------------------------------------------
 
     @invariant()
@@ -189,11 +211,7 @@ class NamespaceModel(RuleBasedStateMachine):
 
     async def _drain_and_compare(self):
         e = self.engine
-        wbs = []
-        for g in e.cluster.group_ids:
-            leader = await e.cluster.leader(g)
-            wbs.append(WriteBack(leader, e.store, e.data, e.cluster, chunk_size=CHUNK, delay=0,
-                                 namespace=e.ns))
+        wbs = await self._write_backs()
         for _ in range(30):
             for wb in wbs:
                 await wb.run_once(force=True)
