@@ -32,7 +32,7 @@ def _hostport(text: str) -> tuple[str, int]:
 
 def run_server(args) -> int:
     from objcache.engine.node import Node, NodeConfig
-    from objcache.rpc import load_secret
+    from objcache.rpc import RpcError, load_secret
     try:
         bucket, prefix = parse_bucket(args.bucket)
         cfg = NodeConfig(args.data_dir, _hostport(args.listen), bucket, prefix,
@@ -50,8 +50,10 @@ def run_server(args) -> int:
         node = Node(cfg)
         try:
             await node.start()
-        except (ValueError, OSError) as exc:
-            print(f"objcache server: {exc}", file=sys.stderr)
+        except (ValueError, OSError, RuntimeError, RpcError) as exc:
+            what = str(exc) or ("timed out" if isinstance(exc, TimeoutError) else "")
+            print(f"objcache server: could not start: {type(exc).__name__}: {what}",
+                  file=sys.stderr)
             return 1
         print(f"objcache node {node.node_id} (group {node.group_id}) serving on "
               f"{node.address}; cache {format_size(cfg.cache_size)}", flush=True)

@@ -5,7 +5,13 @@ Identity: ``DATA_DIR/node.json`` holds (node id, group id, cluster id) once
 the node has joined; a restarted node comes back as itself. The first node
 (no ``--join``) bootstraps the cluster: node 1 in group 1, the root group,
 which also replicates the membership. Others ask any node to join
-(``cluster.join``); the root group assigns a node id and a group.
+(``cluster.join``); the root group assigns a node id and a group: a new
+group (the node bootstraps it alone) or a place in the newest group that
+has fewer than ``--replicas`` members. A node placed in an existing group
+starts its replica empty and asks the group's leader to add it
+(``group.add_member``: as a learner until it has caught up, then as a
+voter — one single-server change at a time); ``start`` returns once it is
+a voter, so "serving" means the node holds a full replica.
 
 Services (RPC methods):
   raft.*                  Raft messages between replicas (raft/host.py)
@@ -38,7 +44,8 @@ from objcache.meta.reads import serve as serve_read
 from objcache.raft.driver import GroupOptions, RaftGroup
 from objcache.raft.host import RaftHost
 from objcache.raft.storage import RaftStorage
-from objcache.raft.types import ConfState, NotLeader, ProposalDropped
+from objcache.raft.types import (ConfChange, ConfChangeType, ConfState, NotLeader,
+                                 ProposalDropped)
 from objcache.rpc import ClientPool, HandlerError, RemoteError, RpcError, RpcServer
 from objcache.txn.coordinator import Coordinator, Resolver
 
@@ -80,6 +87,18 @@ def _addr(s: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _errno(handler):
+    """Client-facing handlers answer OSError as an "errno" error (the
+    client raises it as the same OSError)."""
+    async def wrapped(ctx, fields, payload):
+        try:
+            return await handler(ctx, fields, payload)
+        except OSError as exc:
+            raise HandlerError("errno", exc.strerror or str(exc) or type(exc).__name__,
+                               {"errno": exc.errno or errno.EIO}) from None
+    return wrapped
+
+
 class NodeRouter:
     """GroupRouter over the cluster: propose/read at any group's leader."""
 
@@ -116,6 +135,16 @@ class NodeRouter:
                     hint = (exc.details or {}).get("leader")
             else:
                 addr = node.cluster["nodes"].get(target)
+                if addr is None and target in node.host.addresses:
+                    addr = "%s:%d" % node.host.addresses[target]
+                if addr is None:
+                    # Not in our (stale) map yet: try the others; the map
+                    # refreshes every second.
+                    if loop.time() > end:
+                        raise OSError(errno.ETIMEDOUT, f"no leader of group {g} answered")
+                    if i % len(order) == 0:
+                        await asyncio.sleep(0.02)
+                    continue
                 try:
                     r = await node.pool.get(*_addr(addr)).call(
                         method, fields, payload, timeout=max(0.1, end - loop.time()))
@@ -231,9 +260,8 @@ class Node:
 
     async def start(self) -> None:
         cfg = self.cfg
-        if cfg.replicas != 1:
-            raise ValueError("--replicas above 1 is not supported by the node yet "
-                             "(Raft groups of 3 work in-process; see docs/storage-engine.md)")
+        if not 1 <= cfg.replicas <= 7:
+            raise ValueError(f"--replicas must be between 1 and 7, not {cfg.replicas}")
         os.makedirs(cfg.data_dir, exist_ok=True)
         self.pool = ClientPool(cfg.secret, connect_timeout=2.0, backoff_max=1.0,
                                max_payload=1 << 30)
@@ -249,6 +277,7 @@ class Node:
             self._save_identity(ident)
         self.node_id, self.group_id = ident["node"], ident["group"]
         self.host.node_id = self.node_id
+        self.host.advertise = self.address
         members = ident["members"]
         self.store = S3Store(cfg.bucket, cfg.prefix, endpoint_url=cfg.endpoint_url)
         mem = max(cfg.chunk_size * 4, int(cfg.cache_size * cfg.memory_fraction))
@@ -261,17 +290,27 @@ class Node:
                                                            f"g{self.group_id}"))
         self.machine = GroupMachine(self.group_id, self.cache, cfg.chunk_size)
         opts = GroupOptions(tick_seconds=cfg.tick_seconds)
+        # A group is bootstrapped by its first member alone, so every
+        # replica's log starts from the membership {first member}: later
+        # members start from that too (not promotable: they never campaign)
+        # and learn the rest from the conf changes in the log as the leader
+        # adds them (_become_member).
+        first = members[0] == self.node_id
         self.group = RaftGroup(self.group_id, self.node_id, self.storage, self.machine,
-                               self.host, opts, bootstrap=ConfState(frozenset(members)))
+                               self.host, opts, bootstrap=ConfState(frozenset([members[0]])))
         self.host.add_group(self.group)
         if ident.get("cluster"):
             self._set_cluster(ident["cluster"])
         await self.group.start()
+        if not first:
+            await self._become_member()
         if ident.get("bootstrap") and self.group_id == ROOT_GROUP:
             await self.group.wait_leader(30)
             r = await self.router.propose(ROOT_GROUP, ["join", self.address, cfg.replicas])
             if r[0] != "ok":
                 raise RuntimeError(f"bootstrap failed: {r}")
+            ident["bootstrap"] = False              # recorded in the root group now
+            self._save_identity(ident)
         self.chunks = ChunkService(self.group, self.store, cfg.chunk_size)
         self.data = DataClient(self.router.service, self.ring, self.router, cfg.chunk_size)
         self.coordinator = Coordinator(self.router)
@@ -302,6 +341,32 @@ class Node:
         await self.storage.close()
         await self.cache.close()
         await self.store.close()
+
+    async def _become_member(self, timeout: float = 120.0) -> None:
+        """Until this replica is a voter of its group: ask the leader."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        delay = 0.05
+        while self.node_id not in self.group.core.conf.voters:
+            try:
+                await self.router._at_leader(self.group_id, "group.add_member",
+                                             {"g": self.group_id, "node": self.node_id,
+                                              "address": self.address},
+                                             timeout=max(1.0, end - loop.time()))
+            except (OSError, RpcError, RemoteError) as exc:
+                if loop.time() > end:
+                    raise RuntimeError(f"could not join group {self.group_id}: {exc!r}") from None
+                log.info("joining group %d: %r; retrying", self.group_id, exc)
+                await asyncio.sleep(delay)
+                delay = min(1.0, delay * 2)
+                continue
+            if self.node_id not in self.group.core.conf.voters:
+                # The leader committed the change; our replica learns it
+                # with the next append (wait for it, briefly).
+                await asyncio.sleep(0.05)
+                if loop.time() > end:
+                    raise RuntimeError(f"group {self.group_id} did not take node "
+                                       f"{self.node_id} in")
 
     async def _join(self) -> dict:
         cfg = self.cfg
@@ -362,12 +427,15 @@ class Node:
                   "cluster.join": self._h_join, "cluster.map": self._h_map,
                   "cluster.status": self._h_status, "cluster.drain": self._h_drain,
                   "cluster.node_status": self._h_node_status,
-                  "cluster.flush_group": self._h_flush_group})
+                  "cluster.flush_group": self._h_flush_group,
+                  "group.add_member": self._h_add_member})
         for name in ("getattr", "lookup", "readdir", "create", "mkdir", "symlink", "unlink",
                      "rmdir", "rename", "link", "setattr"):
             h["meta." + name] = self._meta_handler(name)
-        h.update({"data.read": self._h_data_read, "data.write": self._h_data_write,
-                  "data.flush": self._h_data_flush, "data.fsync": self._h_data_fsync})
+        h.update({"data.read": _errno(self._h_data_read),
+                  "data.write": _errno(self._h_data_write),
+                  "data.flush": _errno(self._h_data_flush),
+                  "data.fsync": _errno(self._h_data_fsync)})
         h.update(self.host.handlers())
         return h
 
@@ -388,6 +456,37 @@ class Node:
         except ProposalDropped as exc:
             raise HandlerError("not_leader", str(exc), {"leader": 0}) from None
         return {"r": r}
+
+    async def _h_add_member(self, ctx, fields, payload):
+        """Leader: add a node to this group — as a learner, then, once its
+        log has caught up with the commit index seen at that point, as a
+        voter (so that the group never waits for an empty replica to
+        commit). Idempotent: a node already a voter is done."""
+        grp = self._local_group(fields["g"])
+        nid = int(fields["node"])
+        self.host.set_address(nid, *_addr(fields["address"]))
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 60
+        try:
+            if nid in grp.core.conf.voters:
+                return {}
+            if nid not in grp.core.conf.learners:
+                await grp.propose_conf_change(ConfChange(ConfChangeType.ADD_LEARNER, nid),
+                                              timeout=10)
+            target = grp.core.log.committed
+            while (grp.peer_match(nid) or 0) < target:
+                if loop.time() > end or not grp.is_leader:
+                    raise HandlerError("not_leader" if not grp.is_leader else "timeout",
+                                       f"node {nid} did not catch up",
+                                       {"leader": grp.leader})
+                await asyncio.sleep(0.02)
+            await grp.propose_conf_change(ConfChange(ConfChangeType.ADD_VOTER, nid), timeout=10)
+        except (NotLeader, ProposalDropped) as exc:
+            raise HandlerError("not_leader", str(exc), {"leader": getattr(exc, "leader", 0)}) \
+                from None
+        except asyncio.TimeoutError:
+            raise HandlerError("timeout", f"adding node {nid} timed out") from None
+        return {}
 
     async def _h_read(self, ctx, fields, payload):
         grp = self._local_group(fields["g"])
@@ -472,12 +571,8 @@ class Node:
     def _meta_handler(self, name):
         async def handler(ctx, fields, payload):
             await self.ensure_root()
-            try:
-                return await self._meta(name, fields)
-            except OSError as exc:
-                raise HandlerError("errno", exc.strerror or str(exc),
-                                   {"errno": exc.errno}) from None
-        return handler
+            return await self._meta(name, fields)
+        return _errno(handler)
 
     async def _meta(self, name, f):
         ns = self.ns

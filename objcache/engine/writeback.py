@@ -20,6 +20,26 @@ group's state:
 
 Nothing is marked clean unless the bucket returned the ETag of exactly the
 version uploaded; every failure leaves the inode dirty for the next pass.
+
+Keys still read from are never overwritten or deleted. A renamed inode
+keeps taking its data from its old key until its copy is done, and a
+renamed directory's objects stay under its old prefix until relocated; a
+new file or directory may meanwhile take the old name. So each pass first
+gathers every group's *sources* (reads.pending_sources: keys of inodes not
+at their place, old prefixes of moved directories), and:
+
+* an upload, copy or marker whose destination is another inode's source
+  (or under a moved directory's old prefix) waits for a later pass;
+* a tombstone whose key is a source is kept until it no longer is (the
+  check is made after the tombstone's name is gated, so no rename can make
+  it a source in between);
+* nothing is written below a directory that is itself moved or has a moved
+  ancestor (its keys are about to change): it waits for the relocation;
+* two renamed inodes can wait for each other (a swap: each one's
+  destination is the other's source). An inode that found its destination
+  taken for PARK_AFTER passes is *parked*: its source is copied to a key
+  in a hidden area (``PARKING``), it takes its data from there, and its old
+  key stops being a source — which lets the other go first.
 """
 from __future__ import annotations
 
@@ -31,13 +51,15 @@ import time
 
 import msgpack
 
-from objcache.meta.model import Inode, Kind
+from objcache.meta import names as nm
+from objcache.meta.model import ROOT, Inode, Kind
 from objcache.txn.coordinator import new_txn_id
 
 log = logging.getLogger(__name__)
 
 MIN_PART = 5 << 20
 MAX_PARTS = 10_000
+PARK_AFTER = 3
 
 
 def part_size_for(size: int, chunk_size: int) -> int:
@@ -67,9 +89,16 @@ class WriteBack:
         self.clock = clock
         self.ns = namespace                 # for relocating renamed directories
         self.stats = {"uploads": 0, "copies": 0, "deletes": 0, "failures": 0, "bytes": 0,
-                      "relocations": 0}
+                      "relocations": 0, "deferred": 0, "parked": 0}
         self._busy: set[int] = set()
         self._remote_prefix: dict[int, str] = {}
+        # Per pass: key -> inodes reading from it, old prefix -> moved
+        # directory (None: some group did not answer; then nothing that
+        # could overwrite or delete is done this pass).
+        self._sources: dict[str, set[int]] | None = {}
+        self._moving: dict[str, int] = {}
+        self._settled_memo: dict[int, bool] = {}
+        self._taken_passes: dict[int, int] = {}    # inode -> passes its destination was taken
 
     @property
     def state(self):
@@ -139,6 +168,8 @@ class WriteBack:
         if not self.group.is_leader:
             return 0
         await self._refresh_remote_prefixes()
+        await self._refresh_sources()
+        self._settled_memo = {}
         now = self.clock()
         todo = [n.copy() for n in self.state.inodes.values()
                 if (only is None or n.id == only) and n.id not in self._busy
@@ -150,8 +181,7 @@ class WriteBack:
             async with sem:
                 self._busy.add(n.id)
                 try:
-                    await self._write_back(n)
-                    return 1
+                    return 1 if await self._write_back(n) else 0
                 except Exception as exc:  # noqa: BLE001 - stays dirty, next pass retries
                     self.stats["failures"] += 1
                     log.warning("write-back of inode %d failed: %r", n.id, exc)
@@ -166,12 +196,102 @@ class WriteBack:
         if only is None:
             for d in [d for d, dr in self.state.dirs.items() if dr.moved]:
                 done += await self._relocate(d)
+            self._settled_memo = {}                 # relocations moved subdirectories
             done += await self._delete_tombstones()
         done += sum(await asyncio.gather(*(one(n) for n in todo)))
         return done
 
-    async def _write_back(self, n: Inode) -> None:
+    async def _refresh_sources(self) -> None:
+        sources: dict[str, set[int]] = {}
+        moving: dict[str, int] = {}
+        try:
+            for g in self.data.ring().groups:
+                r = await self.router.read(g, ["sources"])
+                if r[0] != "ok":
+                    raise OSError(r[1], r[2])
+                for key, ino in r[1]:
+                    sources.setdefault(key, set()).add(ino)
+                for prefix, d in r[2]:
+                    moving[prefix] = d
+        except Exception as exc:  # noqa: BLE001 - nothing that overwrites this pass
+            log.info("gathering pending sources failed: %r", exc)
+            self._sources, self._moving = None, {}
+            return
+        self._sources, self._moving = sources, moving
+
+    def _taken(self, n: Inode, key: str) -> bool:
+        """Is ``key`` another inode's source (or below a moved directory's
+        old prefix)?"""
+        if self._sources is None:
+            return True
+        holders = self._sources.get(key)
+        if holders and holders - {n.id}:
+            return True
+        return any(key.startswith(p) and d != n.id for p, d in self._moving.items())
+
+    async def _settled(self, d: int) -> bool:
+        """Neither directory ``d`` nor any ancestor is moved (keys below it
+        are final). Memoized for the pass."""
+        memo = self._settled_memo
+        path: list[int] = []
+        result = True
+        while True:
+            if d in memo:
+                result = memo[d]
+                break
+            path.append(d)
+            info = await self._dir_moved_and_parent(d)
+            if info is None or info[0]:
+                result = False
+                break
+            if d == ROOT or not info[1] or len(path) > 4096:
+                break
+            d = info[1]
+        for x in path:
+            memo[x] = result
+        return result
+
+    async def _dir_moved_and_parent(self, d: int) -> tuple[bool, int] | None:
+        dr = self.state.dirs.get(d)
+        node = self.state.inodes.get(d)
+        if dr is not None and node is not None:
+            return dr.moved, node.parent
+        g = self.data.ring().meta_owner(d)
+        r = await self.router.read(g, ["dirinfo", d])
+        a = await self.router.read(g, ["getattr", d])
+        if r[0] != "ok" or a[0] != "ok":
+            return None
+        return bool(r[5]), Inode.from_wire(a[1]).parent
+
+    async def _park(self, n: Inode) -> None:
+        """Copy ``n``'s source to the parking area and read from there (see
+        the module docstring: breaks a wait cycle)."""
+        key = f"{nm.PARKING}{n.id}.{new_txn_id().hex()}"
+        etag = await self.store.copy(n.s3.key, key, metadata=s3_metadata(n),
+                                     if_match=n.s3.etag)
+        r = await self.propose(["tx", new_txn_id(), [
+            ["uploaded", n.id, n.uploaded_version, [key, etag, n.s3.size, self.clock()]],
+            ["tombstone", n.s3.key, n.s3.etag]]])
+        if r[0] != "ok":
+            raise OSError(r[1], f"parking inode {n.id}: {r[2]}")
+        self.stats["parked"] += 1
+        self._taken_passes.pop(n.id, None)
+
+    async def _write_back(self, n: Inode) -> bool:
+        """Write ``n`` to its key; False if it has to wait for a later pass."""
+        if not await self._settled(n.id if n.kind == Kind.DIR else n.parent):
+            self.stats["deferred"] += 1
+            return False
         key = await self._key_of(n)
+        if self._taken(n, key):
+            self.stats["deferred"] += 1
+            if (n.kind != Kind.DIR and n.s3 is not None and n.s3.key != key
+                    and self._sources is not None):
+                k = self._taken_passes[n.id] = self._taken_passes.get(n.id, 0) + 1
+                if k >= PARK_AFTER:
+                    await self._park(n)
+            return False
+        self._taken_passes.pop(n.id, None)
         version = n.data_version
         ops: list = []
         if n.kind == Kind.DIR:
@@ -199,6 +319,7 @@ class WriteBack:
             raise OSError(r[1], f"recording the upload of inode {n.id}: {r[2]}")
         if n.kind == Kind.FILE:
             await self._mark_chunks_clean(n)
+        return True
 
     async def _upload(self, n: Inode, key: str) -> tuple[str, int]:
         meta = s3_metadata(n)
@@ -240,7 +361,7 @@ class WriteBack:
         try:
             g = self.data.ring().meta_owner(node.parent)
             r = await self.router.read(g, ["dirinfo", node.parent])
-            if r[0] != "ok" or r[5]:
+            if r[0] != "ok" or r[5] or not await self._settled(node.parent):
                 return 0                            # the parent relocates first
             new = r[1] + node.name.decode() + "/"
             dr = st.dirs[d]
@@ -274,64 +395,92 @@ class WriteBack:
             except Exception as exc:  # noqa: BLE001 - only delays eviction
                 log.info("marking chunk %d of inode %d clean failed: %r", idx, n.id, exc)
 
-    async def _delete_tombstones(self) -> int:
+    async def _delete_tombstones(self, batch_size: int = 64) -> int:
+        """Delete tombstoned keys, a batch at a time: gate each key's name
+        (see _gate), then gather the sources afresh, then delete what no
+        live entry claims and no inode still reads from, then un-gate."""
         done = 0
-        for key, etag in list(self.state.tombstones.items()):
+        items = list(self.state.tombstones.items())
+        for at in range(0, len(items), batch_size):
+            batch = items[at:at + batch_size]
+            gates: list[tuple[int, bytes]] = []
+            verdict: dict[str, str] = {}            # key -> "claimed" | "gated" | "error"
             try:
-                if await self._delete_unclaimed(key, etag):
-                    self.stats["deletes"] += 1
-                r = await self.propose(["tx", new_txn_id(), [["untomb", key, etag]]])
-                if r[0] == "ok":
-                    done += 1
-            except Exception as exc:  # noqa: BLE001 - next pass retries
-                self.stats["failures"] += 1
-                log.warning("deleting %r failed: %r", key, exc)
+                for key, _etag in batch:
+                    try:
+                        g = await self._gate(key)
+                    except Exception as exc:  # noqa: BLE001 - next pass retries
+                        self.stats["failures"] += 1
+                        log.warning("gating the deletion of %r failed: %r", key, exc)
+                        verdict[key] = "error"
+                        continue
+                    if g == "claimed":
+                        verdict[key] = "claimed"
+                    else:
+                        verdict[key] = "gated"
+                        if g is not None:
+                            gates.append(g)
+                await self._refresh_sources()
+                for key, etag in batch:
+                    v = verdict[key]
+                    if v == "error":
+                        continue
+                    if v == "gated":
+                        if self._sources is None or key in self._sources:
+                            continue                # still read from: a later pass
+                        try:
+                            head = await self.store.head(key)
+                            if head is not None and (etag == "" or head.etag == etag):
+                                await self.store.delete(key)
+                                self.stats["deletes"] += 1
+                        except Exception as exc:  # noqa: BLE001 - next pass retries
+                            self.stats["failures"] += 1
+                            log.warning("deleting %r failed: %r", key, exc)
+                            continue
+                    r = await self.propose(["tx", new_txn_id(), [["untomb", key, etag]]])
+                    if r[0] == "ok":
+                        done += 1
+            finally:
+                for g, txn in gates:
+                    try:
+                        await self.router.propose(g, ["decide", txn, False])
+                    except Exception as exc:  # noqa: BLE001 - the prepare times out and aborts
+                        log.info("releasing a deletion gate failed: %r", exc)
         return done
 
-    async def _delete_unclaimed(self, key: str, etag: str) -> bool:
-        """Delete ``key`` unless a live name maps to it now.
-
-        The name is found by walking the key's path from the root. If its
-        directory exists, an ``absent(dir, name)`` prepare in that
-        directory's group locks the name while the object is deleted, so a
-        create or mkdir of the same name (whose write-back would write the
-        key anew) waits for us instead of being deleted by us; if the name
-        is bound, the live entry owns the key and nothing is deleted. If
-        the path's directory does not exist, nothing can claim the key
-        except by creating that directory first (a window of one HEAD and
-        one DELETE; documented in docs/storage-engine.md)."""
+    async def _gate(self, key: str):
+        """Hold the name ``key`` maps to, so that nothing creates it while
+        its old object is deleted: an ``absent(dir, name)`` prepare in the
+        directory's group. Returns (group, txn) to release, "claimed" when
+        a live entry has the name (it owns the key: nothing is deleted),
+        or None when the key's directory does not exist (then nothing can
+        claim the key except by creating that directory first: a window
+        of one HEAD and one DELETE, documented in docs/storage-engine.md).
+        Parking-area keys have no name."""
+        if key.startswith(nm.PARKING):
+            return None
         is_marker = key.endswith("/")
         path = key[:-1] if is_marker else key
         parent_path, _, name = path.rpartition("/")
         kind = int(Kind.DIR if is_marker else Kind.FILE)
-        gate = None
-        if self.ns is not None and name:
-            try:
-                parent = await self._resolve_dir(parent_path)
-            except OSError as exc:
-                if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
-                    raise
-                parent = None
-            if parent is not None:
-                g = self.data.ring().meta_owner(parent)
-                txn = new_txn_id()
-                r = await self.router.propose(g, ["prep", txn, g,
-                                                  [["absent", parent, name.encode(), kind]],
-                                                  self.clock() + 30])
-                if r[0] != "ok":
-                    if r[1] == errno.EEXIST:
-                        return False                # a live entry owns the key
-                    raise OSError(r[1], r[2])
-                gate = (g, txn)
+        if self.ns is None or not name:
+            return None
         try:
-            head = await self.store.head(key)
-            if head is not None and (etag == "" or head.etag == etag):
-                await self.store.delete(key)
-                return True
-            return False
-        finally:
-            if gate is not None:
-                await self.router.propose(gate[0], ["decide", gate[1], False])
+            parent = await self._resolve_dir(parent_path)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                raise
+            return None
+        g = self.data.ring().meta_owner(parent)
+        txn = new_txn_id()
+        r = await self.router.propose(g, ["prep", txn, g,
+                                          [["absent", parent, name.encode(), kind]],
+                                          self.clock() + 30])
+        if r[0] != "ok":
+            if r[1] == errno.EEXIST:
+                return "claimed"
+            raise OSError(r[1], r[2])
+        return g, txn
 
     async def _resolve_dir(self, path: str) -> int:
         from objcache.meta.model import ROOT

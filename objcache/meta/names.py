@@ -30,6 +30,12 @@ log = logging.getLogger(__name__)
 
 NAME_MAX = 255
 
+# Where write-back parks an object that two renamed files both wait for
+# (engine/writeback.py). A key starting with "/" is an empty first
+# segment: never a name, so never shown or reachable; at the root listing
+# it is skipped without a warning.
+PARKING = "/.objcache-parked/"
+
 
 def name_problem(part: str) -> str | None:
     """Why ``part`` (a key segment) can't be a file name, or None."""
@@ -64,6 +70,8 @@ def entries_from_page(prefix: str, page, hidden: list[str]) -> list[list]:
     are appended to ``hidden``."""
     rows: dict[bytes, list] = {}
     for cp in page.common_prefixes:
+        if prefix == "" and cp == "/":
+            continue                            # the parking area
         part = cp[len(prefix):-1]
         why = name_problem(part)
         if why:

@@ -32,6 +32,8 @@ from .model import ROOT, Inode, Kind, S3State, make_inode_id
 
 log = logging.getLogger(__name__)
 
+ALL = object()          # _shadowed: every name under the prefix
+
 DEFAULT_FILE_MODE = 0o644
 DEFAULT_DIR_MODE = 0o755
 
@@ -178,14 +180,48 @@ class Namespace:
         prefix, start = r[1], r[6]
         gen = self._gen_rng.getrandbits(62)
         hidden: list[str] = []
+        shadowed = await self._shadowed(d, prefix)
         async for page in self.store.list(prefix, delimiter="/", page_size=self.list_page):
             rows = nm.entries_from_page(prefix, page, hidden)
+            if shadowed is ALL:
+                rows = []
+            elif shadowed:
+                rows = [r for r in rows if bytes(r[0]) not in shadowed]
             if rows:
                 self._check(await self.router.propose(g, ["listing", d, gen, rows, False, 0.0]),
                             "listing")
         nm.warn_hidden(prefix, hidden)
         self._check(await self.router.propose(
             g, ["listing", d, gen, [], True, self.clock(), start]), "listing")
+
+    async def _shadowed(self, d: int, prefix: str):
+        """Names under ``prefix`` a listing must not show, because their
+        bucket objects are not what the name holds now: objects write-back
+        is about to delete (tombstones), objects renamed inodes still read
+        from (pending sources), and everything under a renamed directory's
+        old prefix (ALL if ``prefix`` is under one, unless ``d`` is that
+        renamed directory or inside it) — e.g. a new directory
+        created where a removed or renamed one's objects still are. A
+        subdirectory is shadowed if anything below it is (it shows again,
+        if something else is there, once write-back is done with it)."""
+        names: set[bytes] = set()
+        for g in self.ring().groups:
+            r = await self._read(g, ["shadowed", prefix])
+            if r[0] != "ok":
+                continue
+            for moving, mdir in r[2]:
+                if mdir == d or (prefix.startswith(moving) and await self._is_ancestor(mdir, d)):
+                    continue                        # our own (old) objects
+                if prefix.startswith(moving):
+                    return ALL
+                if moving.startswith(prefix):
+                    names.add(moving[len(prefix):].partition("/")[0].encode())
+            for key in r[1]:
+                head = key[len(prefix):].partition("/")[0]
+                if head:
+                    names.add(head.encode())
+        names.discard(b"")
+        return names
 
     async def _materialize(self, parent: int, name: bytes, kind: Kind, info) -> Inode:
         """Give a lazy entry (seen in a listing) an inode."""

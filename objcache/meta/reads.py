@@ -15,12 +15,40 @@ Requests:
   ["counter"]                 -> ["ok", counter]
   ["cluster"]                 -> ["ok", membership]  (root group)
   ["pending"]                 -> ["ok", dirty inodes, tombstones, dirty bytes, inodes, prepared]
+  ["shadowed", prefix]        -> ["ok", [key, ...], [[prefix, dir], ...]]  keys under
+                                 prefix that are not what their name shows (tombstoned,
+                                 or pending sources), and moved directories' old prefixes
+  ["sources"]                 -> ["ok", [[key, inode], ...], [[prefix, dir], ...]]
+                                 bucket keys inodes of this group still take their
+                                 data from although they are no longer at them
+                                 (renamed, not yet copied), and the old prefixes of
+                                 moved directories (engine/writeback.py)
 """
 from __future__ import annotations
 
 import errno
 
+from .model import Kind
 from .state import GroupState, err, ok
+
+
+def pending_sources(state: GroupState) -> tuple[list, list]:
+    """See ``["sources"]``. A file whose parent lives in another group is
+    listed whatever its key (its parent's prefix is not known here):
+    harmless, since only another inode writing exactly that key is held
+    back by it."""
+    files = []
+    for n in state.inodes.values():
+        if n.s3 is None or n.kind == Kind.DIR:
+            continue
+        d = state.dirs.get(n.parent)
+        if (d is not None and n.name
+                and d.s3_prefix + n.name.decode("utf-8", "surrogateescape") == n.s3.key):
+            continue                            # at its place (or in a moved
+                                                # directory: its prefix covers it)
+        files.append([n.s3.key, n.id])
+    prefixes = [[dr.s3_prefix, d] for d, dr in state.dirs.items() if dr.moved and dr.s3_prefix]
+    return files, prefixes
 
 
 def serve(state: GroupState, request: list) -> list:
@@ -63,6 +91,14 @@ def serve(state: GroupState, request: list) -> list:
                 return err(errno.ENOENT, f"directory {d} not found")
             return ok(dr.s3_prefix, dr.listed, dr.listed_at, len(dr.entries), dr.moved,
                       state.applied_index)
+        if kind == "shadowed":
+            prefix = request[1]
+            files, moving = pending_sources(state)
+            keys = [k for k in state.tombstones if k.startswith(prefix)]
+            keys += [k for k, _ in files if k.startswith(prefix)]
+            return ok(keys[:100_000], moving)
+        if kind == "sources":
+            return ok(*pending_sources(state))
         if kind == "counter":
             return ok(state.counter)
         if kind == "cluster":

@@ -340,6 +340,10 @@ class GroupState:
         stranded by a new one until rebalancing moves it). Rejoining with
         a known address returns the same assignment."""
         c = self.cluster
+        want = c.setdefault("replicas", replicas)
+        if replicas != want:
+            raise OpError(errno.EINVAL, f"the cluster makes groups of {want} replicas; "
+                                        f"this node asked for {replicas} (--replicas)")
         for nid, addr in c["nodes"].items():
             if addr == address:
                 g = next(g for g, m in c["groups"].items() if nid in m)

@@ -180,6 +180,14 @@ class RaftGroup:
                   failed=repr(self.failed) if self.failed else None)
         return st
 
+    def peer_match(self, peer: int) -> int | None:
+        """Leader: the highest log index known replicated on ``peer``
+        (None when not leader or ``peer`` is not tracked)."""
+        if self.core is None or not self.core.is_leader:
+            return None
+        pr = self.core.prs.get(peer)
+        return pr.match if pr is not None else None
+
     def _check_alive(self) -> None:
         if self.failed is not None:
             raise GroupFailed(f"raft group {self.group_id} stopped: {self.failed!r}")

@@ -15,7 +15,12 @@
   line each, never raised into the RPC layer as anything but BadRequest.
 
 Node addresses come from an address book (node id -> (host, port)) that the
-cluster layer keeps current; unknown destinations are dropped.
+cluster layer keeps current; unknown destinations are dropped. Every
+batched frame also names its sender and the address it serves on
+(``advertise``), and the receiver records it: a node added to a group can
+be answered by every member as soon as it has spoken, without waiting for
+the membership map to reach them (which may need the very group whose
+election is in progress).
 """
 from __future__ import annotations
 
@@ -66,6 +71,7 @@ class RaftHost:
         self.snapshot_timeout = snapshot_timeout
         self._peers: dict[int, _PeerQueue] = {}
         self._closed = False
+        self.advertise: str | None = None               # "host:port" sent with frames
         self.stats = {"sent": 0, "dropped": 0, "received": 0, "malformed": 0}
 
     # -- wiring ------------------------------------------------------------
@@ -140,8 +146,10 @@ class RaftHost:
                 buffers.extend(bufs)
                 size += n
             try:
-                await self.pool.get(*addr).notify(MSG_METHOD, {"b": batch},
-                                                  _join(buffers))
+                fields = {"b": batch}
+                if self.advertise:
+                    fields["f"], fields["a"] = self.node_id, self.advertise
+                await self.pool.get(*addr).notify(MSG_METHOD, fields, _join(buffers))
                 self.stats["sent"] += len(batch)
             except (RpcError, OSError, asyncio.TimeoutError):
                 # The peer is unreachable: drop what is queued for it (Raft
@@ -176,6 +184,7 @@ class RaftHost:
         batch = fields.get("b")
         if not isinstance(batch, list):
             raise self._malformed("no message batch")
+        self._learn_address(fields.get("f"), fields.get("a"))
         view = memoryview(payload if payload is not None else b"")
         pos = 0
         for item in batch:
@@ -189,6 +198,15 @@ class RaftHost:
                 got[0].deliver(got[1])
         if pos != len(view):
             raise self._malformed("payload longer than the batch")
+
+    def _learn_address(self, node, address) -> None:
+        if type(node) is not int or not isinstance(address, str) or node == self.node_id:
+            return
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            return
+        if self.addresses.get(node) != (host, int(port)):
+            self.addresses[node] = (host, int(port))
 
     async def _on_snap(self, ctx, fields, payload):
         got = self._decode_one(fields.get("g"), fields.get("h"), payload)

@@ -18,24 +18,41 @@ SECRET = "server-process-test-secret"
 
 
 class Cluster:
-    def __init__(self, tmp_path, s3, bucket, n=3, chunk="1MiB"):
+    def __init__(self, tmp_path, s3, bucket, n=3, chunk="1MiB", replicas=1,
+                 prefix="pre", cache="64MiB"):
         self.procs = []
+        self.argvs = []
         self.ports = [free_port() for _ in range(n)]
-        env = dict(os.environ, OBJCACHE_SECRET=SECRET, AWS_ACCESS_KEY_ID=s3.access_key,
-                   AWS_SECRET_ACCESS_KEY=s3.secret_key, AWS_DEFAULT_REGION="us-east-1")
+        self.env = dict(os.environ, OBJCACHE_SECRET=SECRET, AWS_ACCESS_KEY_ID=s3.access_key,
+                        AWS_SECRET_ACCESS_KEY=s3.secret_key, AWS_DEFAULT_REGION="us-east-1")
         for i, port in enumerate(self.ports):
             argv = [sys.executable, "-m", "objcache", "server", "--data-dir",
                     str(tmp_path / f"node{i}"), "--listen", f"127.0.0.1:{port}",
-                    "--bucket", f"s3://{bucket}/pre", "--endpoint-url", s3.endpoint_url,
-                    "--cache-size", "64MiB", "--chunk-size", chunk, "--writeback-delay", "0.2"]
+                    "--bucket", f"s3://{bucket}/{prefix}", "--endpoint-url", s3.endpoint_url,
+                    "--cache-size", cache, "--chunk-size", chunk, "--writeback-delay", "0.2",
+                    "--replicas", str(replicas)]
             if i:
                 argv += ["--join", f"127.0.0.1:{self.ports[0]}"]
-            p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True)
-            line = p.stdout.readline()
-            assert "serving" in line, (line, p.stderr.read() if p.poll() is not None else "")
-            self.procs.append(p)
+            self.argvs.append(argv)
+            self.procs.append(self._spawn(argv))
         self.addrs = ",".join(f"127.0.0.1:{p}" for p in self.ports)
+
+    def _spawn(self, argv):
+        """Start a server; returns once it prints "serving" (it is a full
+        member then)."""
+        p = subprocess.Popen(argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+        line = p.stdout.readline()
+        assert "serving" in line, (line, p.stderr.read() if p.poll() is not None else "")
+        return p
+
+    def kill9(self, i):
+        self.procs[i].send_signal(signal.SIGKILL)
+        self.procs[i].wait()
+
+    def restart(self, i):
+        """Start node ``i`` again with its data directory and port."""
+        self.procs[i] = self._spawn(self.argvs[i])
 
     def client(self):
         return ClusterClient(self.addrs, SECRET.encode())
