@@ -192,7 +192,7 @@ class ObjcacheFile(AbstractBufferedFile):
             self.size = self._node.size
 
     def _fetch_range(self, start, end):
-        return sync_call(self.fs, self.fs.client.read, self._node, start, end - start).tobytes() \
+        return bytes(sync_call(self.fs, self.fs.client.read, self._node, start, end - start)) \
             if end > start else b""
 
     def _initiate_upload(self):

@@ -152,10 +152,16 @@ class DataClient:
         s3 = [node.s3.key, node.s3.etag] if node.s3 else None
         from_bucket = not node.dirty
 
+        ring = self.ring()
+
         async def one(i):
             v = node.chunk_version(i)
-            ahead = [[j, node.chunk_version(j)] for j in range(i + 1, i + 3)
-                     if j * cs < node.size] if i == last else None
+            # Readahead at the owner: only chunks the same group owns (a
+            # chunk is only ever loaded by its owner — one GET per chunk).
+            owner = ring.chunk_owner(node.id, i)
+            ahead = [[j, node.chunk_version(j)] for j in range(i + 1, i + 1 + 4 * len(ring.groups))
+                     if j * cs < node.size and ring.chunk_owner(node.id, j) == owner
+                     ][:2] if i == last else None
             for attempt in range(20):
                 svc = await self._owner(node.id, i)
                 try:

@@ -51,6 +51,7 @@ from objcache.txn.coordinator import Coordinator, Resolver
 
 from .data import ChunkService, DataClient
 from .machine import GroupMachine
+from .remote import ChunkProxy
 from .writeback import WriteBack
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ class NodeRouter:
     def _members(self, g: int) -> list[int]:
         return list(self.node.cluster["groups"].get(g, []))
 
-    async def _at_leader(self, g: int, method: str, fields: dict, payload=None,
+    async def at_leader(self, g: int, method: str, fields: dict, payload=None,
                          timeout: float = 10.0):
         node = self.node
         loop = asyncio.get_running_loop()
@@ -165,13 +166,13 @@ class NodeRouter:
                 await asyncio.sleep(0.02)
 
     async def propose(self, group: int, command: list, timeout: float | None = 10.0) -> list:
-        fields, _ = await self._at_leader(group, "group.propose",
+        fields, _ = await self.at_leader(group, "group.propose",
                                           {"g": group, "c": msgpack.packb(command)},
                                           timeout=timeout or 10.0)
         return fields["r"]
 
     async def read(self, group: int, request: list, timeout: float | None = 10.0) -> list:
-        fields, _ = await self._at_leader(group, "group.read", {"g": group, "q": request},
+        fields, _ = await self.at_leader(group, "group.read", {"g": group, "q": request},
                                           timeout=timeout or 10.0)
         return fields["r"]
 
@@ -180,42 +181,7 @@ class NodeRouter:
         node = self.node
         if group == node.group_id and node.group.is_leader:
             return node.chunks
-        return _ChunkProxy(self, group)
-
-
-class _ChunkProxy:
-    """ChunkService's methods over RPC to the group's leader."""
-
-    def __init__(self, router: NodeRouter, group: int):
-        self.router = router
-        self.group = group
-
-    async def read(self, inode, index, version, *, s3, from_bucket, size, ahead=None, base=-1):
-        fields, payload = await self.router._at_leader(
-            self.group, "chunk.read", {"g": self.group, "i": inode, "x": index, "v": version,
-                                       "s3": s3, "b": from_bucket, "n": size, "a": ahead,
-                                       "base": base})
-        if fields.get("none"):
-            return None
-        return _Bytes(payload if payload is not None else b"")
-
-    async def write(self, inode, index, offset, data, *, epoch_base, s3, s3_size):
-        fields, _ = await self.router._at_leader(
-            self.group, "chunk.write", {"g": self.group, "i": inode, "x": index, "o": offset,
-                                        "e": epoch_base, "s3": s3, "n": s3_size}, data)
-        return fields["v"]
-
-
-class _Bytes:
-    """A ChunkView look-alike for data that arrived over RPC."""
-    __slots__ = ("data", "length")
-
-    def __init__(self, data):
-        self.data = memoryview(data)
-        self.length = len(self.data)
-
-    def release(self):
-        pass
+        return ChunkProxy(self, group)
 
 
 class Node:
@@ -349,7 +315,7 @@ class Node:
         delay = 0.05
         while self.node_id not in self.group.core.conf.voters:
             try:
-                await self.router._at_leader(self.group_id, "group.add_member",
+                await self.router.at_leader(self.group_id, "group.add_member",
                                              {"g": self.group_id, "node": self.node_id,
                                               "address": self.address},
                                              timeout=max(1.0, end - loop.time()))
@@ -523,7 +489,7 @@ class Node:
         return {"node": r[1], "group": r[2], "members": r[3], "cluster": m[1]}
 
     async def _h_map(self, ctx, fields, payload):
-        return {"cluster": self.cluster}
+        return {"cluster": self.cluster, "chunk_size": self.cfg.chunk_size}
 
     async def _h_node_status(self, ctx, fields, payload):
         st = self.group.status()
@@ -558,7 +524,7 @@ class Node:
         while True:
             pending = 0
             for g in self.cluster["groups"]:
-                fields2, _ = await self.router._at_leader(g, "cluster.flush_group", {"g": g})
+                fields2, _ = await self.router.at_leader(g, "cluster.flush_group", {"g": g})
                 pending += fields2["pending"]
             if pending == 0:
                 return {"pending": 0}
@@ -632,7 +598,7 @@ class Node:
         loop = asyncio.get_running_loop()
         end = loop.time() + float(fields.get("timeout", 300))
         while loop.time() < end:
-            fields2, _ = await self.router._at_leader(g, "cluster.flush_group",
+            fields2, _ = await self.router.at_leader(g, "cluster.flush_group",
                                                       {"g": g, "only": ino})
             node = await self.ns.getattr(ino)
             if not node.dirty:

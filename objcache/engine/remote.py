@@ -1,0 +1,99 @@
+"""Reaching a group's leader from outside it: the chunk service over RPC
+(ChunkProxy), and a leader-finding caller for processes that are not
+cluster nodes (LeaderCaller: the cluster client's direct data path).
+
+A *router* here is anything with ``at_leader(group, method, fields,
+payload=None, timeout=...) -> (fields, payload)`` that delivers a call to
+the group's current leader (following not-leader hints).
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+
+from objcache.rpc import ClientPool, RemoteError, RpcError
+
+
+class LeaderCaller:
+    """``at_leader`` over a cluster map (node id -> "host:port", group ->
+    member ids) for a process outside the cluster. ``refresh`` is awaited
+    when a group's members can't be reached (the map may be stale)."""
+
+    def __init__(self, pool: ClientPool, refresh):
+        self.pool = pool
+        self.refresh = refresh
+        self.nodes: dict[int, str] = {}
+        self.groups: dict[int, list[int]] = {}
+        self.leader_hint: dict[int, int] = {}
+
+    def set_map(self, cluster: dict) -> None:
+        self.nodes = {int(k): v for k, v in cluster["nodes"].items()}
+        self.groups = {int(k): list(v) for k, v in cluster["groups"].items()}
+
+    async def at_leader(self, g: int, method: str, fields: dict, payload=None,
+                        timeout: float = 30.0):
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        tries = 0
+        while True:
+            members = self.groups.get(g, [])
+            order = ([self.leader_hint[g]] if g in self.leader_hint else []) + members
+            for target in order:
+                addr = self.nodes.get(target)
+                if addr is None:
+                    continue
+                host, _, port = addr.rpartition(":")
+                try:
+                    r = await self.pool.get(host, int(port)).call(
+                        method, fields, payload, timeout=max(0.1, end - loop.time()))
+                    self.leader_hint[g] = target
+                    return r.fields, r.payload
+                except RemoteError as exc:
+                    if exc.code != "not_leader":
+                        raise
+                    hint = (exc.details or {}).get("leader")
+                    if hint:
+                        self.leader_hint[g] = hint
+                except RpcError:
+                    self.leader_hint.pop(g, None)
+            if loop.time() > end:
+                raise OSError(errno.ETIMEDOUT, f"no leader of group {g} answered")
+            tries += 1
+            if tries % 3 == 0:
+                await self.refresh()
+            await asyncio.sleep(min(0.5, 0.02 * tries))
+
+
+class ChunkProxy:
+    """ChunkService's methods over RPC to the group's leader."""
+
+    def __init__(self, router: NodeRouter, group: int):
+        self.router = router
+        self.group = group
+
+    async def read(self, inode, index, version, *, s3, from_bucket, size, ahead=None, base=-1):
+        fields, payload = await self.router.at_leader(
+            self.group, "chunk.read", {"g": self.group, "i": inode, "x": index, "v": version,
+                                       "s3": s3, "b": from_bucket, "n": size, "a": ahead,
+                                       "base": base})
+        if fields.get("none"):
+            return None
+        return RemoteBytes(payload if payload is not None else b"")
+
+    async def write(self, inode, index, offset, data, *, epoch_base, s3, s3_size):
+        fields, _ = await self.router.at_leader(
+            self.group, "chunk.write", {"g": self.group, "i": inode, "x": index, "o": offset,
+                                        "e": epoch_base, "s3": s3, "n": s3_size}, data)
+        return fields["v"]
+
+
+class RemoteBytes:
+    """A ChunkView look-alike for data that arrived over RPC."""
+    __slots__ = ("data", "length")
+
+    def __init__(self, data):
+        self.data = memoryview(data)
+        self.length = len(self.data)
+
+    def release(self):
+        pass
