@@ -11,7 +11,6 @@ import logging
 import sys
 
 CONTRACT_NOT_BUILT = {
-    "mount": "the FUSE mount",
     "leave": "membership changes of a running cluster (rebalancing)",
     "warmup": "the warmup command",
 }
@@ -87,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "server":
         from objcache.server import run_server
         return run_server(args)
+    if args.command == "mount":
+        from objcache.fuse.mount import run_mount
+        return run_mount(args)
     if args.command in ("status", "drain"):
         from objcache.server import run_admin
         return run_admin(args)

@@ -152,6 +152,7 @@ class ChunkView:
     promptly: a pinned page is memory the cache cannot use.
     """
     __slots__ = ("key", "version", "length", "page", "_data", "_cache")
+    owned = False               # the arena's page: copy what outlives the view
 
     def __init__(self, cache: "ChunkCache", key, version: int, page: int,
                  length: int, data: memoryview):

@@ -84,6 +84,11 @@ class ClusterClient:
     async def getattr(self, ino: int) -> Inode:
         return await self._inode("getattr", ino=ino)
 
+    async def open(self, ino: int) -> Inode:
+        """getattr as an open sees it: a file replaced in the bucket by
+        another tool is reloaded (Namespace.open)."""
+        return await self._inode("open", ino=ino)
+
     async def lookup(self, parent: int, name: bytes) -> Inode:
         return await self._inode("lookup", parent=parent, name=bytes(name))
 

@@ -73,6 +73,12 @@ class ObjcacheFileSystem(AsyncFileSystem):
                 raise FileNotFoundError(errno.ENOENT, "no such file", path) from None
             raise
 
+    async def _opened(self, path: str) -> Inode:
+        """The file as an open sees it (a replacement in the bucket made by
+        another tool is picked up)."""
+        node = await self._node(path)
+        return await self.client.open(node.id) if node.kind == Kind.FILE else node
+
     async def _parent_dir(self, path: str) -> tuple[Inode, bytes]:
         path = self._strip_protocol(path)
         parent, _, name = path.rpartition("/")
@@ -104,7 +110,7 @@ class ObjcacheFileSystem(AsyncFileSystem):
         return sorted(out, key=lambda i: i["name"]) if detail else sorted(out)
 
     async def _cat_file(self, path, start=None, end=None, **kwargs):
-        node = await self._node(path)
+        node = await self._opened(path)
         if node.kind == Kind.DIR:
             raise IsADirectoryError(errno.EISDIR, "is a directory", path)
         start = 0 if start is None else (start if start >= 0 else max(0, node.size + start))
@@ -188,7 +194,7 @@ class ObjcacheFile(AbstractBufferedFile):
         self._versions: dict[int, int] = {}
         super().__init__(fs, path, mode, **kwargs)
         if "r" in mode:
-            self._node = fs.loop and sync_call(fs, fs._node, path)
+            self._node = fs.loop and sync_call(fs, fs._opened, path)
             self.size = self._node.size
 
     def _fetch_range(self, start, end):

@@ -5,8 +5,9 @@ Chunk data rides in Raft entries (``cwrite``/``cbase``) and is applied into
 the cache's disk tier as a dirty chunk version, durably (the cache fsyncs
 dirty chunks before ``write`` returns), so a snapshot taken later — which
 compacts those entries away — never depends on data that only the log had.
-Replays after a restart re-apply entries after the snapshot; the cache
-treats a version it already holds as a no-op.
+Replays after a restart re-apply entries after the snapshot: an effect
+whose version the cache already holds — or a newer one, since a newer dirty
+version replaces the older ones on disk — is a no-op (``_have``).
 
 Apply order is the log order on every replica; an effect that fails (the
 disk died) raises, which stops the replica (driver: fatal), because its
@@ -44,6 +45,11 @@ class GroupMachine:
 
     # effects ------------------------------------------------------------
 
+    def _have(self, key, version: int) -> bool:
+        """The cache holds ``version`` of ``key`` or a newer one (replay)."""
+        got = self.cache.peek(key)
+        return got is not None and got[0] >= version
+
     async def _apply_chunk(self, cmd: list, index: int):
         r = self.state.apply_command(cmd, index)
         if r[0] != "ok":
@@ -52,6 +58,8 @@ class GroupMachine:
         if kind == "cwrite":
             _, inode, idx, offset, data, _size, _eb = cmd
             version, base_v, _length = r[1], r[2], r[3]
+            if self._have((inode, idx), version):
+                return r
             base = None
             if base_v:
                 base = await self.cache.read((inode, idx), base_v, None)
@@ -63,7 +71,7 @@ class GroupMachine:
                     base.release()
         elif kind == "cbase":
             _, inode, idx, data, _eb = cmd
-            if r[3]:                                # a new local base
+            if r[3] and not self._have((inode, idx), r[1]):   # a new local base
                 await self.cache.write((inode, idx), r[1], data, dirty=True)
         elif kind == "cclean":
             _, inode, idx, version = cmd

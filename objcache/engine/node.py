@@ -286,6 +286,12 @@ class Node:
                                    chunk_size=cfg.chunk_size, delay=cfg.writeback_delay)
         self.resolver = Resolver(self.group_id, self.machine.state, self.router)
         await self.refresh_cluster()
+        if self.cluster["nodes"].get(self.node_id) != self.address:
+            # Restarted on another address (a new port, a new pod IP).
+            r = await self.router.propose(ROOT_GROUP, ["readdress", self.node_id, self.address])
+            if r[0] != "ok":
+                raise RuntimeError(f"recording this node's new address failed: {r}")
+            await self.refresh_cluster()
         self._tasks = [asyncio.create_task(self._refresh_loop(), name="cluster-refresh"),
                        asyncio.create_task(self.writeback.run(), name="write-back"),
                        asyncio.create_task(self.resolver.run(lambda: self.group.is_leader),
@@ -396,7 +402,7 @@ class Node:
                   "cluster.flush_group": self._h_flush_group,
                   "group.add_member": self._h_add_member})
         for name in ("getattr", "lookup", "readdir", "create", "mkdir", "symlink", "unlink",
-                     "rmdir", "rename", "link", "setattr"):
+                     "rmdir", "rename", "link", "setattr", "open"):
             h["meta." + name] = self._meta_handler(name)
         h.update({"data.read": _errno(self._h_data_read),
                   "data.write": _errno(self._h_data_write),
@@ -469,10 +475,11 @@ class Node:
                                       ahead=fields.get("a"), base=fields.get("base", -1))
         if view is None:
             return {"none": True}
-        try:
-            return {}, bytes(view.data)
-        finally:
-            view.release()
+        # No copy: the slice keeps the page pinned until the transport has
+        # sent it and dropped it (ChunkView: derived objects hold the pin).
+        data = view.data[:]
+        view.release()
+        return {}, data
 
     async def _h_chunk_write(self, ctx, fields, payload):
         self._local_group(fields["g"])
@@ -544,6 +551,8 @@ class Node:
         ns = self.ns
         if name == "getattr":
             return {"inode": (await ns.getattr(f["ino"])).to_wire()}
+        if name == "open":
+            return {"inode": (await ns.open(f["ino"])).to_wire()}
         if name == "lookup":
             return {"inode": (await ns.lookup(f["parent"], bytes(f["name"]))).to_wire()}
         if name == "readdir":

@@ -90,6 +90,7 @@ class ChunkProxy:
 class RemoteBytes:
     """A ChunkView look-alike for data that arrived over RPC."""
     __slots__ = ("data", "length")
+    owned = True                # the buffer belongs to the receiver (no pin)
 
     def __init__(self, data):
         self.data = memoryview(data)

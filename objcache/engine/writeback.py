@@ -168,13 +168,16 @@ class WriteBack:
         if not self.group.is_leader:
             return 0
         await self._refresh_remote_prefixes()
-        await self._refresh_sources()
-        self._settled_memo = {}
         now = self.clock()
         todo = [n.copy() for n in self.state.inodes.values()
                 if (only is None or n.id == only) and n.id not in self._busy
                 and self._owed(n)
                 and (force or now - n.ctime_ns / 1e9 >= self.delay)]
+        if not todo and not self.state.tombstones and not any(
+                dr.moved for dr in self.state.dirs.values()):
+            return 0                                # nothing owed: ask no other group
+        await self._refresh_sources()
+        self._settled_memo = {}
         sem = asyncio.Semaphore(self.concurrency)
 
         async def one(n):

@@ -45,7 +45,8 @@ def _ns(t: float) -> int:
 class Namespace:
     def __init__(self, router, ring: Callable, store, *, coordinator: Coordinator | None = None,
                  list_ttl: float = 60.0, clock=time.time, default_uid: int = 0,
-                 default_gid: int = 0, list_page: int = 1000, reserve_block: int = 256):
+                 default_gid: int = 0, list_page: int = 1000, reserve_block: int = 256,
+                 revalidate_ttl: float = 1.0):
         self.router = router
         self.ring = ring                            # () -> current Ring
         self.store = store
@@ -58,6 +59,8 @@ class Namespace:
         self._pools: dict[int, list[int]] = {}      # group -> reserved counters
         self._pool_locks: dict[int, asyncio.Lock] = {}
         self._listing: dict[int, asyncio.Future] = {}
+        self.revalidate_ttl = revalidate_ttl
+        self._validated: dict[int, float] = {}      # inode -> when open() last checked its ETag
         # Listing generations: random, so that listings by different clients
         # of one directory never share one.
         self._gen_rng = random.Random()
@@ -151,6 +154,53 @@ class Namespace:
                     raise
                 # Someone materialized or changed it meanwhile: look again.
         raise OSError(errno.EAGAIN, f"lookup {name!r}: the entry keeps changing")
+
+    async def open(self, ino: int) -> Inode:
+        """The inode as an open should see it: for a clean file whose
+        object objcache did not write last (its ETag changed in the bucket
+        — somebody else replaced it), the new object, in a new epoch so
+        that no chunk cached from the old one is read again. A dirty file
+        keeps its local data (write-back will replace the object: last
+        writer wins); a deleted object changes nothing (the file reads
+        what the cluster still holds). One HEAD per open, skipped when
+        this process checked the inode less than ``revalidate_ttl`` ago."""
+        node = await self.getattr(ino)
+        if node.kind != Kind.FILE or node.dirty or node.s3 is None:
+            return node
+        now = self.clock()
+        if now - self._validated.get(ino, float("-inf")) < self.revalidate_ttl:
+            return node
+        # Only an object at the file's own key is the file's: a renamed file
+        # not yet copied still reads its old key, which is not its name's.
+        r = await self._read(self._group(node.parent), ["dirinfo", node.parent])
+        if (r[0] != "ok" or r[5]
+                or r[1] + node.name.decode("utf-8", "surrogateescape") != node.s3.key):
+            return node
+        head = await self.store.head(node.s3.key)
+        self._validated[ino] = now
+        if len(self._validated) > 100_000:
+            self._validated.clear()
+        if head is None or head.etag == node.s3.etag:
+            return node
+        md = head.metadata or {}
+        mtime = _int_meta(md, "mtime", None)
+        fields = {"size": head.size,
+                  "mtime_ns": mtime * 10**9 if mtime is not None and mtime < 10**11
+                  else (mtime if mtime is not None else _ns(head.mtime))}
+        mode = _int_meta(md, "mode", None)
+        if mode is not None and stat.S_ISREG(mode):
+            fields["mode"] = mode & 0o7777
+        for name in ("uid", "gid"):
+            v = _int_meta(md, name, None)
+            if v is not None:
+                fields[name] = v
+        s3 = [node.s3.key, head.etag, head.size, head.mtime]
+        try:
+            await self._run({self._group(ino): [["reload", ino, node.s3.etag, s3, fields]]})
+        except OSError as exc:
+            if exc.errno != errno.ESTALE:
+                raise                               # changed meanwhile: take what is there
+        return await self.getattr(ino)
 
     async def readdir(self, d: int) -> list[tuple[bytes, int, Kind]]:
         """Entries of ``d`` as (name, inode or 0 for not-yet-looked-up, kind),

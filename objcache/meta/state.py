@@ -18,6 +18,7 @@ replica. Entries (msgpack arrays):
   ["cdrop", ino, from_idx]                 forget local chunk versions
   ["cclean", ino, idx, version]            that version is in the bucket now
   ["join", address, replicas] / ["freeze"] cluster membership (root group only)
+  ["readdress", node, address]             a node restarted on another address
 
 An *op* is a precondition plus an effect on records this group owns:
 
@@ -42,6 +43,13 @@ An *op* is a precondition plus an effect on records this group owns:
                                                chunk versions, chunks >= drop_from gone
   ["alloc", counter]                           inode counter high-water mark
   ["uploaded", id, version, s3_wire]           write-back finished
+  ["reload", id, etag, s3_wire, fields]        a clean inode whose object (ETag
+                                               ``etag``) was replaced outside
+                                               objcache: new epoch (cached
+                                               chunks of the old one are never
+                                               read again), no local chunks,
+                                               the new object's s3 state and
+                                               size/mtime/mode/uid/gid
   ["tombstone", key, etag] / ["untomb", key, etag]  bucket keys to delete / deleted
   ["dirmoved", dir] / ["setprefix", dir, prefix]    directory relocation (write-back)
 
@@ -102,7 +110,7 @@ def op_keys(op: list) -> list[tuple]:
     if kind == "mkinode":
         return [_key_inode(op[1][0])]
     if kind in ("setattr", "nlink", "rmdir", "isdir_empty", "flush", "uploaded",
-                "dirmoved", "setprefix"):
+                "dirmoved", "setprefix", "reload"):
         return [_key_inode(op[1])]
     if kind in ("alloc", "tombstone", "untomb"):
         return []
@@ -362,6 +370,15 @@ class GroupState:
         c["version"] += 1
         return ok(nid, g, c["groups"][g], c["version"])
 
+    def _cmd_readdress(self, node, address) -> Result:
+        c = self.cluster
+        if node not in c["nodes"]:
+            raise OpError(errno.ENOENT, f"node {node} is not a member")
+        if c["nodes"][node] != address:
+            c["nodes"][node] = address
+            c["version"] += 1
+        return ok(c["version"])
+
     def _cmd_freeze(self) -> Result:
         """The first namespace use fixes the ring (see _cmd_join)."""
         c = self.cluster
@@ -429,6 +446,12 @@ class GroupState:
             elif kind in ("setattr", "nlink", "flush", "uploaded"):
                 if op[1] not in self.inodes and op[1] not in created:
                     raise OpError(errno.ENOENT, f"inode {op[1]} does not exist")
+            elif kind == "reload":
+                n = self.inodes.get(op[1])
+                if n is None:
+                    raise OpError(errno.ENOENT, f"inode {op[1]} does not exist")
+                if n.dirty or n.s3 is None or n.s3.etag != op[2]:
+                    raise OpError(errno.ESTALE, f"inode {op[1]} changed meanwhile")
             elif kind in ("dirmoved", "setprefix"):
                 if op[1] not in self.dirs and op[1] not in created:
                     raise OpError(errno.ENOENT, f"directory {op[1]} does not exist")
@@ -565,6 +588,16 @@ class GroupState:
             ino.uploaded_version = max(ino.uploaded_version, version)
             ino.s3 = S3State.from_wire(s3)
             return ino.uploaded_version
+        if kind == "reload":
+            _, i, _etag, s3, fields = op
+            ino = self.inodes[i]
+            ino.epoch += 1
+            ino.chunks = {}
+            ino.s3 = S3State.from_wire(s3)
+            for field in ("size", "mtime_ns", "mode", "uid", "gid"):
+                if field in fields:
+                    setattr(ino, field, fields[field])
+            return ino.to_wire()
         if kind == "alloc":
             self.counter = max(self.counter, op[1])
             return self.counter

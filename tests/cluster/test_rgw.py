@@ -1,8 +1,8 @@
 """`objcache server` processes (1 and 3) against Ceph RGW on loopback: the
 bucket's own objects and s3fs metadata are read, new files (a multipart
 one included) are written back with that metadata, renames and removals
-reach the bucket, and concurrent cold readers cost one GET per chunk,
-counted at RGW."""
+reach the bucket, concurrent cold readers cost one GET per chunk, counted
+at RGW, and an object replaced by another tool is seen at the next open."""
 import asyncio
 import os
 import stat
@@ -45,6 +45,13 @@ def test_cluster_against_rgw(tmp_path, rgw_bucket, nodes):
                 gets = {rng: n for (key, rng), n in rgw.object_get_counts(mark, bucket).items()
                         if key == "data/outside.bin"}
                 assert sum(gets.values()) == 7 and max(gets.values()) == 1, gets
+
+                # Replaced by another tool: the next open sees the new object.
+                replaced = os.urandom(2 * MiB + 5)
+                s3.put_object(Bucket=bucket, Key="data/outside.bin", Body=replaced)
+                node = await c.open(node.id)
+                assert node.size == len(replaced)
+                assert bytes(await c.read(node, 0, node.size)) == replaced
 
                 big = os.urandom(20 * MiB + 3)             # > single PUT: multipart
                 f = await c.create(d.id, b"big.bin", mode=0o640, uid=7, gid=8)

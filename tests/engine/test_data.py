@@ -84,3 +84,40 @@ def test_writes_survive_leader_change_r3(tmp_path):
         assert await e.data.read(node, 0, len(data)) == data
         await e.close()
     run(main())
+
+
+def test_open_sees_an_object_replaced_outside(tmp_path):
+    """A clean file whose object another tool replaced: open() reloads it
+    in a new epoch (no chunk cached from the old object is served); a
+    dirty file keeps its local data; a renamed file is not confused with
+    the object now at its old name."""
+    async def main():
+        e = Engine(tmp_path)
+        old = os.urandom(CHUNK + 100)
+        await e.store.put("f.bin", old)
+        await e.store.put("g.bin", b"g")
+        await e.start()
+        ns = e.ns
+        ns.revalidate_ttl = 0
+        f = await ns.lookup(ROOT, b"f.bin")
+        assert await e.data.read(f, 0, f.size) == old          # cached now
+        assert (await ns.open(f.id)).epoch == f.epoch          # unchanged: no reload
+        new = os.urandom(2 * CHUNK + 7)
+        await e.store.put("f.bin", new, metadata={"mode": str(0o100600)})
+        f2 = await ns.open(f.id)
+        assert f2.epoch == f.epoch + 1 and f2.size == len(new) and f2.mode == 0o600
+        assert await e.data.read(f2, 0, f2.size) == new
+        # A renamed file keeps its own data although its old key changes.
+        g = await ns.lookup(ROOT, b"g.bin")
+        assert await e.data.read(g, 0, 10) == b"g"              # cached
+        await ns.rename(ROOT, b"g.bin", ROOT, b"h.bin")
+        await e.store.put("g.bin", b"someone else's")
+        g2 = await ns.open(g.id)
+        assert g2.epoch == g.epoch and await e.data.read(g2, 0, 10) == b"g"
+        # A dirty file keeps its local data.
+        await e.data.flush(f2, 3, await e.data.write(f2, 0, b"abc"))
+        await e.store.put("f.bin", b"outside again")
+        f3 = await ns.open(f.id)
+        assert f3.epoch == f2.epoch and await e.data.read(f3, 0, 3) == b"abc"
+        await e.close()
+    asyncio.run(asyncio.wait_for(main(), 60))

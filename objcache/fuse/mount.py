@@ -1,0 +1,119 @@
+"""``objcache mount``: run the FUSE filesystem.
+
+Without ``--cluster`` the process embeds a single-node server (data under
+``--data-dir``, default ``~/.cache/objcache/<bucket>``) listening on
+loopback only, with a per-mount random secret; with ``--cluster`` it is a
+client of the cluster. Either way the FUSE side talks to the cluster through
+``ClusterClient`` (objcache/fuse/ops.py).
+
+Lifetime: "mounted on MOUNTPOINT" is printed once the kernel has the mount.
+SIGTERM, SIGINT and ``fusermount3 -u`` end it the same way: every open
+file's writes are published, then — embedded mode — every dirty byte is
+written to the bucket (a drain) before the process exits 0, so that after
+an unmount the bucket holds the files. A killed embedded mount finds its
+dirty data in ``--data-dir`` (the node's Raft log and chunk cache) at the
+next mount and writes it back then. Without ``-f`` the command starts
+itself in the foreground in a new session and returns once it is mounted.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+
+log = logging.getLogger("objcache.mount")
+
+
+def _options(args) -> set[str]:
+    opts = {"fsname=objcache", "subtype=objcache", "default_permissions"}
+    for group in args.options:
+        for o in group.split(","):
+            o = o.strip()
+            if o:
+                opts.add(o)
+    return opts
+
+
+def run_mount(args) -> int:
+    if not os.path.isdir(args.mountpoint):
+        print(f"objcache mount: {args.mountpoint}: not a directory", file=sys.stderr)
+        return 2
+    if not args.foreground:
+        return _background(args)
+    import uvloop
+    try:
+        return uvloop.run(_main(args))
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"objcache mount: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _background(args) -> int:
+    argv = [sys.executable, "-m", "objcache"] + [a for a in sys.argv[1:]] + ["-f"]
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=None, text=True,
+                         start_new_session=True)
+    line = p.stdout.readline()
+    if "mounted" not in line:
+        p.wait()
+        return p.returncode or 1
+    print(line, end="")
+    return 0
+
+
+async def _main(args) -> int:
+    import pyfuse3
+    import pyfuse3.asyncio
+
+    from objcache.client.cluster import ClusterClient
+    from objcache.rpc import load_secret
+    from objcache.server import parse_bucket
+    from objcache.units import parse_size
+
+    from .ops import ObjcacheOperations
+
+    pyfuse3.asyncio.enable()
+    bucket, prefix = parse_bucket(args.bucket)
+    node = None
+    if args.cluster:
+        client = ClusterClient(args.cluster, load_secret(args.secret_file))
+    else:
+        from objcache.engine.node import Node, NodeConfig
+        data_dir = args.data_dir or os.path.join(
+            os.path.expanduser("~/.cache/objcache"), bucket + ("-" + prefix.strip("/").replace(
+                "/", "-") if prefix else ""))
+        secret = secrets.token_bytes(32)
+        cfg = NodeConfig(data_dir, ("127.0.0.1", 0), bucket, prefix,
+                         endpoint_url=args.endpoint_url,
+                         cache_size=parse_size(args.cache_size) if args.cache_size else 4 << 30,
+                         secret=secret, writeback_delay=5.0)
+        node = Node(cfg)
+        await node.start()
+        client = ClusterClient([("127.0.0.1", node.server.port)], secret)
+    ops = ObjcacheOperations(client)
+    await client.getattr(1)                          # the cluster answers before we mount
+    pyfuse3.init(ops, args.mountpoint, _options(args))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, pyfuse3.terminate)
+    print(f"mounted on {args.mountpoint}", flush=True)
+    code = 0
+    try:
+        await pyfuse3.main()
+    finally:
+        try:
+            await ops.publish_all()
+            if node is not None:
+                await client.drain(timeout=3600)
+        except Exception as exc:  # noqa: BLE001 - report, still unmount
+            log.error("flushing at unmount failed: %r (dirty data stays in %s)", exc,
+                      getattr(getattr(node, "cfg", None), "data_dir", "the cluster"))
+            code = 1
+        pyfuse3.close(unmount=True)
+        await client.close()
+        if node is not None:
+            await node.stop()
+    return code

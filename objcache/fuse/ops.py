@@ -1,0 +1,387 @@
+"""The FUSE operations: pyfuse3 requests onto the cluster client.
+
+Inode numbers are objcache's (the root is 1, as FUSE wants). The cluster
+is the truth; the mount keeps only the state of open files (``_File``, one
+per inode with opens, shared by its handles):
+
+* an open takes the inode as ``ClusterClient.open`` returns it (a file
+  replaced in the bucket by another tool is reloaded there);
+* writes go to the chunk owners at once (durable in the cluster) and are
+  remembered in the open file (chunk versions, size), so that every open
+  of the file in this mount — and getattr — sees them at once, as POSIX
+  wants on one machine; ``flush`` (every close(2) of a descriptor)
+  publishes them with one flush transaction — visible to other mounts and
+  nodes after it (close-to-open consistency); ``fsync`` also waits until
+  the bucket holds the file;
+* kernel caching: entries and attributes are cached ``ATTR_TIMEOUT``
+  seconds; an open keeps the kernel's page cache (``keep_cache``) when the
+  file's data is the version this mount saw last.
+
+Every handler maps failures to an errno: an exception escaping a pyfuse3
+handler would end the mount for everyone (``_errno``).
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+
+import pyfuse3
+
+from objcache.meta.model import Inode, Kind
+
+log = logging.getLogger(__name__)
+
+ATTR_TIMEOUT = 1.0          # seconds the kernel may cache entries and attributes
+BLOCK = 4096
+
+
+def _errno(handler):
+    @functools.wraps(handler)
+    async def wrapped(self, *args, **kwargs):
+        try:
+            return await handler(self, *args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:  # noqa: BLE001 - never let one request end the mount
+            log.exception("%s failed", handler.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapped
+
+
+class _File:
+    """An inode with opens in this mount: its unpublished writes."""
+    __slots__ = ("node", "versions", "size", "dirty", "opens")
+
+    def __init__(self, node: Inode):
+        self.node = node
+        self.versions: dict[int, int] = {}      # chunk -> version written, not yet published
+        self.size = node.size
+        self.dirty = False
+        self.opens = 0
+
+
+class _Handle:
+    """One open file description."""
+    __slots__ = ("file", "append")
+
+    def __init__(self, file: _File, append: bool):
+        self.file = file
+        self.append = append
+
+
+class ObjcacheOperations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, client, *, block_size: int = 1 << 20, total_bytes: int = 1 << 50):
+        super().__init__()
+        self.client = client
+        self.block_size = block_size
+        self.total_bytes = total_bytes
+        self._handles: dict[int, _Handle] = {}
+        self._files: dict[int, _File] = {}          # inode -> open file
+        self._next_fh = 1
+        self._dirs: dict[int, list] = {}
+        self._seen: dict[int, tuple] = {}           # inode -> (epoch, data_version) at last open
+
+    # -- attributes ------------------------------------------------------------
+
+    def _attr(self, node: Inode) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.id
+        a.generation = 0
+        a.entry_timeout = ATTR_TIMEOUT
+        a.attr_timeout = ATTR_TIMEOUT
+        a.st_mode = node.st_mode
+        a.st_nlink = node.nlink
+        a.st_uid = node.uid
+        a.st_gid = node.gid
+        a.st_rdev = 0
+        a.st_size = node.size if node.kind != Kind.DIR else 4096
+        a.st_blksize = self.block_size
+        a.st_blocks = -(-a.st_size // 512)
+        a.st_atime_ns = node.atime_ns or node.mtime_ns
+        a.st_mtime_ns = node.mtime_ns
+        a.st_ctime_ns = node.ctime_ns or node.mtime_ns
+        return a
+
+    def _with_pending(self, node: Inode) -> Inode:
+        """``node`` with this mount's unpublished writes (size, mtime)."""
+        f = self._files.get(node.id)
+        if f is not None and f.dirty:
+            node = node.copy()
+            node.size = f.size
+            node.mtime_ns = max(node.mtime_ns, f.node.mtime_ns)
+        return node
+
+    def _open_handle(self, node: Inode, flags: int) -> pyfuse3.FileInfo:
+        fh = self._next_fh
+        self._next_fh += 1
+        f = self._files.get(node.id)
+        if f is None:
+            f = self._files[node.id] = _File(node)
+        elif not f.dirty:
+            f.node, f.size = node, node.size
+        f.opens += 1
+        self._handles[fh] = _Handle(f, bool(flags & os.O_APPEND))
+        seen = (node.epoch, node.data_version, node.size)
+        keep = self._seen.get(node.id) == seen
+        self._seen[node.id] = seen
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep, direct_io=False)
+
+    # -- names -----------------------------------------------------------------
+
+    @_errno
+    async def lookup(self, parent_inode, name, ctx=None):
+        if name == b".":
+            return self._attr(await self.client.getattr(parent_inode))
+        if name == b"..":
+            node = await self.client.getattr(parent_inode)
+            return self._attr(await self.client.getattr(node.parent or parent_inode))
+        return self._attr(self._with_pending(await self.client.lookup(parent_inode, name)))
+
+    @_errno
+    async def getattr(self, inode, ctx=None):
+        return self._attr(self._with_pending(await self.client.getattr(inode)))
+
+    @_errno
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        changes = {}
+        if fields.update_mode:
+            changes["mode"] = stat.S_IMODE(attr.st_mode)
+        if fields.update_uid:
+            changes["uid"] = attr.st_uid
+        if fields.update_gid:
+            changes["gid"] = attr.st_gid
+        if fields.update_atime:
+            changes["atime_ns"] = attr.st_atime_ns
+        if fields.update_mtime:
+            changes["mtime_ns"] = attr.st_mtime_ns
+        if fields.update_size:
+            node = await self.client.getattr(inode)
+            if node.kind == Kind.DIR:
+                raise pyfuse3.FUSEError(errno.EISDIR)
+            f = self._files.get(inode)
+            if f is not None and f.dirty:
+                await self._publish(f)
+            node = await self.client.flush(node, attr.st_size, {}, truncate=True)
+            if f is not None:
+                f.node, f.size = node, node.size
+        if changes:
+            node = await self.client.setattr(inode, **changes)
+        else:
+            node = await self.client.getattr(inode)
+        return self._attr(self._with_pending(node))
+
+    @_errno
+    async def readlink(self, inode, ctx):
+        node = await self.client.getattr(inode)
+        if node.kind != Kind.SYMLINK:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return bytes(node.target)
+
+    @_errno
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        return self._attr(await self.client.mkdir(parent_inode, name, stat.S_IMODE(mode),
+                                                  ctx.uid, ctx.gid))
+
+    @_errno
+    async def symlink(self, parent_inode, name, target, ctx):
+        return self._attr(await self.client.symlink(parent_inode, name, target,
+                                                    ctx.uid, ctx.gid))
+
+    @_errno
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        return self._attr(await self.client.link(inode, new_parent_inode, new_name))
+
+    @_errno
+    async def unlink(self, parent_inode, name, ctx):
+        await self.client.unlink(parent_inode, name)
+
+    @_errno
+    async def rmdir(self, parent_inode, name, ctx):
+        await self.client.rmdir(parent_inode, name)
+
+    @_errno
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        await self.client.rename(parent_inode_old, name_old, parent_inode_new, name_new,
+                                 noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE))
+
+    async def forget(self, inode_list):
+        pass                                         # no per-inode state to drop
+
+    # -- directories -----------------------------------------------------------
+
+    @_errno
+    async def opendir(self, inode, ctx):
+        node = await self.client.getattr(inode)
+        if node.kind != Kind.DIR:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._dirs[fh] = [inode, None]
+        return fh
+
+    @_errno
+    async def readdir(self, fh, start_id, token):
+        d = self._dirs[fh]
+        if d[1] is None or start_id == 0:
+            d[1] = sorted(await self.client.readdir(d[0]))
+        entries = d[1]
+        for i in range(start_id, len(entries)):
+            name, child, _kind = entries[i]
+            try:
+                node = (await self.client.getattr(child) if child
+                        else await self.client.lookup(d[0], name))
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:
+                    continue                         # gone meanwhile
+                raise
+            if not pyfuse3.readdir_reply(token, name, self._attr(node), i + 1):
+                return
+
+    async def releasedir(self, fh):
+        self._dirs.pop(fh, None)
+
+    # -- files -----------------------------------------------------------------
+
+    @_errno
+    async def open(self, inode, flags, ctx):
+        node = await self.client.open(inode)
+        if node.kind == Kind.DIR:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        return self._open_handle(node, flags)
+
+    @_errno
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        node = await self.client.create(parent_inode, name, stat.S_IMODE(mode), ctx.uid, ctx.gid)
+        return self._open_handle(node, flags), self._attr(node)
+
+    @_errno
+    async def read(self, fh, off, size):
+        f = self._handles[fh].file
+        if off >= f.size:
+            return b""
+        node = f.node
+        if f.dirty:
+            node = node.copy()
+            node.size = f.size
+        return bytes(await self.client.read(node, off, min(size, f.size - off)))
+
+    @_errno
+    async def write(self, fh, off, buf):
+        h = self._handles[fh]
+        f = h.file
+        if h.append:
+            off = f.size
+        versions = await self.client.write(f.node, off, buf)
+        f.versions.update(versions)
+        node = f.node.copy()
+        node.chunks.update(versions)
+        if not f.dirty:
+            node.data_version += 1                   # local marker: not the bucket's
+        f.node = node
+        f.size = max(f.size, off + len(buf))
+        f.dirty = True
+        return len(buf)
+
+    async def _publish(self, f: _File) -> None:
+        versions, size = f.versions, f.size
+        f.versions, f.dirty = {}, False
+        try:
+            node = await self.client.flush(f.node, size, versions)
+        except BaseException:
+            versions.update(f.versions)              # writes made meanwhile stay too
+            f.versions, f.dirty = versions, True
+            raise
+        if not f.dirty:
+            f.node, f.size = node, node.size
+        self._seen[node.id] = (node.epoch, node.data_version, node.size)
+
+    @_errno
+    async def flush(self, fh):
+        h = self._handles.get(fh)
+        if h is not None and h.file.dirty:
+            await self._publish(h.file)
+
+    @_errno
+    async def fsync(self, fh, datasync):
+        f = self._handles[fh].file
+        if f.dirty:
+            await self._publish(f)
+        await self.client.fsync(f.node.id)
+
+    @_errno
+    async def release(self, fh):
+        h = self._handles.pop(fh, None)
+        if h is None:
+            return
+        f = h.file
+        f.opens -= 1
+        try:
+            if f.dirty:
+                await self._publish(f)
+        finally:
+            if f.opens == 0 and not f.dirty:
+                self._files.pop(f.node.id, None)
+
+    async def publish_all(self) -> None:
+        """Publish every open file's writes (unmount)."""
+        for f in list(self._files.values()):
+            if f.dirty:
+                try:
+                    await self._publish(f)
+                except Exception:  # noqa: BLE001 - reported; the rest still go
+                    log.exception("publishing inode %d at unmount failed", f.node.id)
+
+    # -- extended attributes (user.*) -----------------------------------------
+
+    @_errno
+    async def getxattr(self, inode, name, ctx):
+        node = await self.client.getattr(inode)
+        try:
+            return node.xattrs[bytes(name)]
+        except KeyError:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+
+    @_errno
+    async def listxattr(self, inode, ctx):
+        return list((await self.client.getattr(inode)).xattrs)
+
+    @_errno
+    async def setxattr(self, inode, name, value, ctx):
+        if not bytes(name).startswith(b"user."):
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
+        node = await self.client.getattr(inode)
+        xattrs = dict(node.xattrs)
+        xattrs[bytes(name)] = bytes(value)
+        await self.client.setattr(inode, xattrs=[[k, v] for k, v in xattrs.items()])
+
+    @_errno
+    async def removexattr(self, inode, name, ctx):
+        node = await self.client.getattr(inode)
+        xattrs = dict(node.xattrs)
+        if xattrs.pop(bytes(name), None) is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        await self.client.setattr(inode, xattrs=[[k, v] for k, v in xattrs.items()])
+
+    # -- the filesystem --------------------------------------------------------
+
+    async def statfs(self, ctx):
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = self.block_size
+        s.f_frsize = BLOCK
+        s.f_blocks = self.total_bytes // BLOCK
+        s.f_bfree = s.f_bavail = s.f_blocks
+        s.f_files = 1 << 40
+        s.f_ffree = s.f_favail = 1 << 40
+        s.f_namemax = 255
+        return s
