@@ -165,28 +165,36 @@ class DataClient:
 
         ring = self.ring()
 
+        base = node.base_version()
+        # The bucket's object may be shorter than the file (extended by a
+        # truncate): past its end, a base-version chunk is a hole.
+        s3_end = node.s3.size if node.s3 else 0
+
         async def one(i):
             v = node.chunk_version(i)
+            lo = max(offset, i * cs) - i * cs
+            hi = min(end, (i + 1) * cs) - i * cs
+            if v == base and i * cs >= s3_end:
+                return bytes(hi - lo)               # a hole: no object data there
             # Readahead at the owner: only chunks the same group owns (a
             # chunk is only ever loaded by its owner — one GET per chunk).
             owner = ring.chunk_owner(node.id, i)
             ahead = [[j, node.chunk_version(j)] for j in range(i + 1, i + 1 + READAHEAD_SPAN)
                      if j * cs < node.size and ring.chunk_owner(node.id, j) == owner
+                     and (node.chunk_version(j) != base or j * cs < s3_end)
                      ][:READAHEAD_PER_OWNER] if i == last else None
             for attempt in range(20):
                 svc = await self._owner(node.id, i)
                 try:
                     view = await svc.read(node.id, i, v, s3=s3,
-                                          from_bucket=from_bucket or v == node.base_version(),
-                                          size=node.size, ahead=ahead,
-                                          base=node.base_version())
+                                          from_bucket=from_bucket or v == base,
+                                          size=min(node.size, s3_end) if v == base
+                                          else node.size, ahead=ahead, base=base)
                     break
                 except NotLeader:
                     await asyncio.sleep(0.005 * (attempt + 1))
             else:
                 raise OSError(errno.EAGAIN, "no leader for the chunk's group")
-            lo = max(offset, i * cs) - i * cs
-            hi = min(end, (i + 1) * cs) - i * cs
             if view is None:
                 return bytes(hi - lo)               # a hole: never written, not in the bucket
             try:

@@ -283,7 +283,8 @@ class Node:
         self.ns = Namespace(self.router, self.ring, self.store, coordinator=self.coordinator,
                             default_uid=os.getuid(), default_gid=os.getgid())
         self.writeback = WriteBack(self.group, self.store, self.data, self.router,
-                                   chunk_size=cfg.chunk_size, delay=cfg.writeback_delay)
+                                   chunk_size=cfg.chunk_size, delay=cfg.writeback_delay,
+                                   namespace=self.ns)
         self.resolver = Resolver(self.group_id, self.machine.state, self.router)
         await self.refresh_cluster()
         if self.cluster["nodes"].get(self.node_id) != self.address:
@@ -528,15 +529,20 @@ class Node:
         timeout = float(fields.get("timeout", 600))
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
+        report_at = loop.time() + 10
         while True:
-            pending = 0
+            pending, what = 0, []
             for g in self.cluster["groups"]:
                 fields2, _ = await self.router.at_leader(g, "cluster.flush_group", {"g": g})
                 pending += fields2["pending"]
+                what += fields2.get("what", [])
             if pending == 0:
                 return {"pending": 0}
+            if loop.time() > report_at:
+                log.warning("drain: %d items still pending, e.g. %s", pending, what[:5])
+                report_at = loop.time() + 10
             if loop.time() > end:
-                raise HandlerError("timeout", f"{pending} items still pending")
+                raise HandlerError("timeout", f"{pending} items still pending, e.g. {what[:3]}")
             await asyncio.sleep(0.1)
 
     # -- meta / data for clients ------------------------------------------------
@@ -618,4 +624,6 @@ class Node:
     async def _h_flush_group(self, ctx, fields, payload):
         self._local_group(fields["g"])
         await self.writeback.run_once(force=True, only=fields.get("only"))
-        return {"pending": self.writeback.pending()}
+        pending = self.writeback.pending()
+        return {"pending": pending,
+                "what": self.writeback.describe_pending() if pending else []}

@@ -99,6 +99,8 @@ class WriteBack:
         self._moving: dict[str, int] = {}
         self._settled_memo: dict[int, bool] = {}
         self._taken_passes: dict[int, int] = {}    # inode -> passes its destination was taken
+        self.last_deferred: dict[int, str] = {}     # inode -> why its last pass waited
+        self.relocation_waits: dict[int, str] = {}  # moved directory -> why it waits
 
     @property
     def state(self):
@@ -112,6 +114,19 @@ class WriteBack:
         st = self.state
         return (sum(1 for n in st.inodes.values() if self._owed(n)) + len(st.tombstones)
                 + sum(1 for d in st.dirs.values() if d.moved))
+
+    def describe_pending(self, limit: int = 10) -> list[str]:
+        """What this group still owes, for logs (drain, status)."""
+        st = self.state
+        out = [f"moved directory {d} (prefix {dr.s3_prefix!r}): "
+               f"{self.relocation_waits.get(d, 'not tried yet')}"
+               for d, dr in st.dirs.items() if dr.moved][:limit]
+        out += [f"inode {n.id} {n.kind.name} {n.name!r} parent {n.parent} dirty={n.dirty} "
+                f"s3={n.s3.key if n.s3 else None!r}: "
+                f"{self.last_deferred.get(n.id, 'not tried yet')}"
+                for n in st.inodes.values() if self._owed(n)][:limit]
+        out += [f"tombstone {k!r}" for k in list(st.tombstones)[:limit]]
+        return out[:limit]
 
     def _owed(self, n: Inode) -> bool:
         if n.dirty:
@@ -284,10 +299,13 @@ class WriteBack:
         """Write ``n`` to its key; False if it has to wait for a later pass."""
         if not await self._settled(n.id if n.kind == Kind.DIR else n.parent):
             self.stats["deferred"] += 1
+            self.last_deferred[n.id] = "below a moved directory"
             return False
         key = await self._key_of(n)
         if self._taken(n, key):
             self.stats["deferred"] += 1
+            self.last_deferred[n.id] = (f"{key!r} is another inode's source: "
+                                        f"{sorted((self._sources or {}).get(key, ()))}")
             if (n.kind != Kind.DIR and n.s3 is not None and n.s3.key != key
                     and self._sources is not None):
                 k = self._taken_passes[n.id] = self._taken_passes.get(n.id, 0) + 1
@@ -295,6 +313,7 @@ class WriteBack:
                     await self._park(n)
             return False
         self._taken_passes.pop(n.id, None)
+        self.last_deferred.pop(n.id, None)
         version = n.data_version
         ops: list = []
         if n.kind == Kind.DIR:
@@ -356,15 +375,18 @@ class WriteBack:
         mark its subdirectories for relocation in turn. Returns 1 when done,
         0 to retry on a later pass."""
         if self.ns is None:
+            self.relocation_waits[d] = "no namespace to list with (a WriteBack without one)"
             return 0
         st = self.state
         node = st.inodes.get(d)
         if node is None or node.parent == 0:
+            self.relocation_waits[d] = "no inode record or no parent"
             return 0
         try:
             g = self.data.ring().meta_owner(node.parent)
             r = await self.router.read(g, ["dirinfo", node.parent])
             if r[0] != "ok" or r[5] or not await self._settled(node.parent):
+                self.relocation_waits[d] = f"parent {node.parent} not settled: {r[:2]} {r[5] if r[0] == 'ok' else ''}"
                 return 0                            # the parent relocates first
             new = r[1] + node.name.decode() + "/"
             dr = st.dirs[d]
@@ -377,6 +399,7 @@ class WriteBack:
                        if e.kind == Kind.DIR and e.child]
             r = await self.propose(["tx", new_txn_id(), [["setprefix", d, new]]])
             if r[0] != "ok":
+                self.relocation_waits[d] = f"setprefix failed: {r}"
                 return 0
             ring = self.data.ring()
             for c in subdirs:
@@ -386,6 +409,7 @@ class WriteBack:
             return 1
         except Exception as exc:  # noqa: BLE001 - retried on the next pass
             self.stats["failures"] += 1
+            self.relocation_waits[d] = f"failed: {exc!r}"
             log.warning("relocating directory %d failed: %r", d, exc)
             return 0
 

@@ -170,7 +170,7 @@ class ObjcacheOperations(pyfuse3.Operations):
             f = self._files.get(inode)
             if f is not None and f.dirty:
                 await self._publish(f)
-            node = await self.client.flush(node, attr.st_size, {}, truncate=True)
+            node = await self.client.truncate(node, attr.st_size)
             if f is not None:
                 f.node, f.size = node, node.size
         if changes:

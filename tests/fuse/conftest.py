@@ -13,14 +13,15 @@ class Mount:
         mnt.mkdir(exist_ok=True)
         env = dict(os.environ, AWS_ACCESS_KEY_ID=s3.access_key,
                    AWS_SECRET_ACCESS_KEY=s3.secret_key, AWS_DEFAULT_REGION="us-east-1")
+        # The mount's log goes to a file next to its data (read on failure).
+        self.log = str(data_dir) + ".log"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "objcache", "mount", f"s3://{bucket}/pre", self.path, "-f",
-             "--endpoint-url", s3.endpoint_url, "--data-dir", self.data_dir,
+            [sys.executable, "-m", "objcache", "-v", "mount", f"s3://{bucket}/pre", self.path,
+             "-f", "--endpoint-url", s3.endpoint_url, "--data-dir", self.data_dir,
              "--cache-size", "256MiB", *extra],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            env=env, stdout=subprocess.PIPE, stderr=open(self.log, "a"), text=True)
         line = self.proc.stdout.readline()
-        assert "mounted" in line, (line, self.proc.stderr.read()
-                                   if self.proc.poll() is not None else "")
+        assert "mounted" in line, (line, open(self.log).read()[-3000:])
 
     def unmount(self, timeout=120) -> int:
         """SIGTERM: flush, drain (embedded), unmount; the exit status."""
@@ -28,6 +29,9 @@ class Mount:
             self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError("the mount did not exit: " + open(self.log).read()[-3000:])
         finally:
             if os.path.ismount(self.path):
                 subprocess.run(["fusermount3", "-u", "-z", self.path])
