@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--secret-file")
 
     dm = sub.add_parser("demo", help="run the end-to-end demo on a loopback S3")
-    dm.add_argument("--size", default="256MiB",
-                    help="total size of the sample model (default 256MiB)")
+    dm.add_argument("--size", default="1GiB",
+                    help="total size of the sample model (default 1GiB)")
     dm.add_argument("--keep", action="store_true",
                     help="keep the demo's working directory")
     return p

@@ -6,6 +6,7 @@
 #   S3:      ceph-mon ceph-osd radosgw ceph-common (a one-node Ceph RGW on
 #            loopback for integration tests, benchmarks and the demo)
 #   python:  python3-venv is not needed with pyenv builds; gcc for extensions
+#   tests:   git (real programs run on the mount)
 set -euo pipefail
 
 PACKAGES=(
@@ -13,6 +14,7 @@ PACKAGES=(
   liburing-dev
   fuse3 libfuse3-dev
   ceph-mon ceph-osd radosgw ceph-common
+  git
 )
 
 missing=()

@@ -153,6 +153,7 @@ class ChunkView:
     """
     __slots__ = ("key", "version", "length", "page", "_data", "_cache")
     owned = False               # the arena's page: copy what outlives the view
+    start = 0                   # chunk offset of data[0] (a whole chunk)
 
     def __init__(self, cache: "ChunkCache", key, version: int, page: int,
                  length: int, data: memoryview):

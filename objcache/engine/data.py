@@ -186,10 +186,12 @@ class DataClient:
             for attempt in range(20):
                 svc = await self._owner(node.id, i)
                 try:
+                    # A remote owner sends only the bytes wanted.
+                    kw = {"want": (lo, hi)} if getattr(svc, "ranged", False) else {}
                     view = await svc.read(node.id, i, v, s3=s3,
                                           from_bucket=from_bucket or v == base,
                                           size=min(node.size, s3_end) if v == base
-                                          else node.size, ahead=ahead, base=base)
+                                          else node.size, ahead=ahead, base=base, **kw)
                     break
                 except NotLeader:
                     await asyncio.sleep(0.005 * (attempt + 1))
@@ -199,7 +201,8 @@ class DataClient:
                 return bytes(hi - lo)               # a hole: never written, not in the bucket
             try:
                 # A view of a remote answer is ours alone: sliced, not copied.
-                got = view.data[lo:hi] if view.owned else bytes(view.data[lo:hi])
+                a, b = lo - view.start, hi - view.start
+                got = view.data[a:b] if view.owned else bytes(view.data[a:b])
             finally:
                 view.release()
             if len(got) < hi - lo:

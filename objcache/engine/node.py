@@ -478,7 +478,9 @@ class Node:
             return {"none": True}
         # No copy: the slice keeps the page pinned until the transport has
         # sent it and dropped it (ChunkView: derived objects hold the pin).
-        data = view.data[:]
+        # "r": only the bytes the reader wants travel.
+        lo, hi = fields.get("r") or (0, view.length)
+        data = view.data[lo:hi]
         view.release()
         return {}, data
 

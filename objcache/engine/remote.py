@@ -65,20 +65,27 @@ class LeaderCaller:
 
 
 class ChunkProxy:
-    """ChunkService's methods over RPC to the group's leader."""
+    """ChunkService's methods over RPC to the group's leader (``router``:
+    see the module docstring)."""
+    ranged = True               # read(..., want=(lo, hi)) moves only that range
 
-    def __init__(self, router: NodeRouter, group: int):
+    def __init__(self, router, group: int):
         self.router = router
         self.group = group
 
-    async def read(self, inode, index, version, *, s3, from_bucket, size, ahead=None, base=-1):
-        fields, payload = await self.router.at_leader(
-            self.group, "chunk.read", {"g": self.group, "i": inode, "x": index, "v": version,
-                                       "s3": s3, "b": from_bucket, "n": size, "a": ahead,
-                                       "base": base})
+    async def read(self, inode, index, version, *, s3, from_bucket, size, ahead=None, base=-1,
+                   want: tuple[int, int] | None = None):
+        """``want``: only bytes [lo, hi) of the chunk travel (the view's
+        ``start`` is then lo)."""
+        fields = {"g": self.group, "i": inode, "x": index, "v": version, "s3": s3,
+                  "b": from_bucket, "n": size, "a": ahead, "base": base}
+        if want is not None:
+            fields["r"] = list(want)
+        fields, payload = await self.router.at_leader(self.group, "chunk.read", fields)
         if fields.get("none"):
             return None
-        return RemoteBytes(payload if payload is not None else b"")
+        return RemoteBytes(payload if payload is not None else b"",
+                           want[0] if want is not None else 0)
 
     async def write(self, inode, index, offset, data, *, epoch_base, s3, s3_size):
         fields, _ = await self.router.at_leader(
@@ -89,12 +96,13 @@ class ChunkProxy:
 
 class RemoteBytes:
     """A ChunkView look-alike for data that arrived over RPC."""
-    __slots__ = ("data", "length")
+    __slots__ = ("data", "length", "start")
     owned = True                # the buffer belongs to the receiver (no pin)
 
-    def __init__(self, data):
+    def __init__(self, data, start: int = 0):
         self.data = memoryview(data)
         self.length = len(self.data)
+        self.start = start      # chunk offset of data[0]
 
     def release(self):
         pass

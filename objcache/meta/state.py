@@ -101,7 +101,11 @@ def op_keys(op: list) -> list[tuple]:
     """The lock keys an op changes or depends on."""
     kind = op[0]
     if kind == "absent":
-        return [_key_entry(op[1], op[2])]
+        # Its own kind of lock: it holds back whatever would bind the name
+        # (mkentry), but not readers — the name is absent, and a lookup or
+        # readdir waiting on it could wait on the very write-back pass that
+        # holds it (which looks names up while it gates others).
+        return [("a", op[1], bytes(op[2]))]
     if kind in ("mkentry", "rmentry"):
         keys = [_key_entry(op[1], op[2])]
         if kind == "mkentry":
@@ -405,6 +409,11 @@ class GroupState:
                 if holder is not None and holder != txn:
                     raise OpError(errno.EAGAIN, f"{k} is locked by a transaction "
                                                 f"in progress")
+            if op[0] == "mkentry":
+                holder = self.locks.get(("a", op[1], bytes(op[2])))
+                if holder is not None and holder != txn:
+                    raise OpError(errno.EAGAIN, f"{bytes(op[2])!r} is being deleted from "
+                                                f"the bucket")
             if op[0] in ("rmdir", "isdir_empty") and self.dir_entry_locks.get(op[1]):
                 raise OpError(errno.EAGAIN, f"directory {op[1]} has entries being "
                                             f"changed by a transaction")
