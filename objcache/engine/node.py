@@ -51,7 +51,7 @@ from objcache.txn.coordinator import Coordinator, Resolver
 
 from .data import ChunkService, DataClient
 from .machine import GroupMachine
-from .remote import ChunkProxy
+from .remote import ChunkProxy, call_member
 from .writeback import WriteBack
 
 log = logging.getLogger(__name__)
@@ -146,17 +146,11 @@ class NodeRouter:
                     if i % len(order) == 0:
                         await asyncio.sleep(0.02)
                     continue
-                try:
-                    r = await node.pool.get(*_addr(addr)).call(
-                        method, fields, payload, timeout=max(0.1, end - loop.time()))
+                answer, hint = await call_member(node.pool, addr, method, fields, payload,
+                                                 max(0.1, end - loop.time()))
+                if answer is not None:
                     self.leader_hint[g] = target
-                    return r.fields, r.payload
-                except RemoteError as exc:
-                    if exc.code != "not_leader":
-                        raise
-                    hint = (exc.details or {}).get("leader")
-                except RpcError:
-                    hint = None
+                    return answer
             if hint:
                 order.insert(i, hint)
                 self.leader_hint[g] = hint

@@ -14,6 +14,24 @@ import errno
 from objcache.rpc import ClientPool, RemoteError, RpcError
 
 
+async def call_member(pool: ClientPool, address: str, method: str, fields: dict, payload,
+                      timeout: float):
+    """One try at a group member: ``((fields, payload), None)`` when it
+    answered as the leader, ``(None, hint)`` when it is not the leader
+    (``hint``: the leader it knows, or 0/None), ``(None, None)`` when it
+    could not be reached. Any other remote error is raised."""
+    host, _, port = address.rpartition(":")
+    try:
+        r = await pool.get(host, int(port)).call(method, fields, payload, timeout=timeout)
+        return (r.fields, r.payload), None
+    except RemoteError as exc:
+        if exc.code != "not_leader":
+            raise
+        return None, (exc.details or {}).get("leader")
+    except RpcError:
+        return None, None
+
+
 class LeaderCaller:
     """``at_leader`` over a cluster map (node id -> "host:port", group ->
     member ids) for a process outside the cluster. ``refresh`` is awaited
@@ -42,19 +60,14 @@ class LeaderCaller:
                 addr = self.nodes.get(target)
                 if addr is None:
                     continue
-                host, _, port = addr.rpartition(":")
-                try:
-                    r = await self.pool.get(host, int(port)).call(
-                        method, fields, payload, timeout=max(0.1, end - loop.time()))
+                answer, hint = await call_member(self.pool, addr, method, fields, payload,
+                                                 max(0.1, end - loop.time()))
+                if answer is not None:
                     self.leader_hint[g] = target
-                    return r.fields, r.payload
-                except RemoteError as exc:
-                    if exc.code != "not_leader":
-                        raise
-                    hint = (exc.details or {}).get("leader")
-                    if hint:
-                        self.leader_hint[g] = hint
-                except RpcError:
+                    return answer
+                if hint:
+                    self.leader_hint[g] = hint
+                else:
                     self.leader_hint.pop(g, None)
             if loop.time() > end:
                 raise OSError(errno.ETIMEDOUT, f"no leader of group {g} answered")
