@@ -8,6 +8,7 @@
 """
 import gc
 import os
+import subprocess
 
 import pytest
 
@@ -33,3 +34,22 @@ def _no_leaked_extension_objects():
     gc.collect()
     live = {k: v for k, v in _ext.live_objects().items() if v}
     assert not live, f"extension objects leaked by this test: {live}"
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 1 MiB tmpfs for full-disk tests (root only), unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("full-disk test needs root to mount a tmpfs")
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here: "
+                    f"{res.stderr.strip() or res.returncode}")
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)]).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)])

@@ -86,6 +86,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from objcache._ext import crc32c
+from objcache.fsutil import fsync_dir as _fsync_dir
 
 __all__ = ["DiskTier", "DiskEntry", "Reservation", "CorruptChunkError",
            "HEADER_SIZE", "file_size", "encode_header", "decode_header",
@@ -673,14 +674,6 @@ class DiskTier:
 # -- blocking jobs (executor threads) -----------------------------------------
 # They receive buffers created on the loop thread and keep no reference to
 # them after returning, so every page view is released on the loop thread.
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _unlink_quiet(path: str) -> None:
     try:

@@ -37,6 +37,7 @@ import msgpack
 
 from objcache.backend.s3 import S3Store
 from objcache.cache import ChunkCache
+from objcache.fsutil import fsync_dir
 from objcache.cluster.ring import Ring
 from objcache.meta.model import ROOT, Inode, Kind
 from objcache.meta.namespace import Namespace
@@ -210,11 +211,7 @@ class Node:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self._identity_path())
-        fd = os.open(self.cfg.data_dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(self.cfg.data_dir)
 
     # ------------------------------------------------------------ lifecycle
 

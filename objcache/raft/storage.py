@@ -54,6 +54,7 @@ import time
 from dataclasses import dataclass
 
 from objcache._ext import LogWriter
+from objcache.fsutil import fsync_dir as _fsync_dir
 
 from .core import RestoreState
 from .records import (MAX_ENTRY_DATA, REC_ENTRY, REC_HARD_STATE, REC_SNAPSHOT_MARK,
@@ -93,14 +94,6 @@ def segment_name(seq: int) -> str:
 
 def snapshot_name(index: int, term: int) -> str:
     return f"snap-{index:020d}-{term}.snap"
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _make_dirs_durably(path: str) -> None:

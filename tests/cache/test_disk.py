@@ -330,25 +330,6 @@ def test_kill9_loses_no_returned_write(tmp_path):
 
 # ------------------------------------------------------------ a full disk
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 1 MiB tmpfs (root only), unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs is not permitted here: not root")
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                         capture_output=True, text=True)
-    if res.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not permitted here: "
-                    f"{res.stderr.strip() or res.returncode}")
-    try:
-        yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)]).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)])
-
-
 @pytest.mark.root
 def test_real_enospc_keeps_earlier_dirty_chunks(small_tmpfs):
     d = small_tmpfs / "cache"

@@ -513,26 +513,6 @@ def test_uninitialised_writer_does_not_crash(impl):
 
 # ---- I/O errors --------------------------------------------------------
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 1 MiB tmpfs (root only), unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("full-disk test needs root to mount a tmpfs")
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs",
-                          str(mnt)], capture_output=True, text=True)
-    if res.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not permitted here: "
-                    f"{res.stderr.strip() or res.returncode}")
-    try:
-        yield mnt
-    finally:
-        gc.collect()
-        if subprocess.run(["umount", str(mnt)]).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)])
-
-
 def _fill(path):
     """Append to `path` until the file system is full; return its size."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)

@@ -917,25 +917,6 @@ def test_sigkill_loses_no_acknowledged_entry(tmp_path):
 
 # ---------------------------------------------------------------- a full disk
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 1 MiB tmpfs (root only), unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("full-disk test needs root to mount a tmpfs")
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                         capture_output=True, text=True)
-    if res.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not permitted here: "
-                    f"{res.stderr.strip() or res.returncode}")
-    try:
-        yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)]).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)])
-
-
 @pytest.mark.root
 def test_full_disk(small_tmpfs):
     d = small_tmpfs / "raft"
