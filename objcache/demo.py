@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from objcache import _ext
+from objcache.testing.processes import stop_processes
 from objcache.testing.s3servers import free_port
 from objcache.units import format_size, parse_size
 
@@ -156,12 +156,11 @@ def run_demo(size: str = "1GiB", keep: bool = False) -> int:
         print("\ninterrupted: cleaning up")
         return 130
     finally:
-        for proc, mnt in pods:
-            _stop(proc)
+        stop_processes([proc for proc, _ in pods], timeout=60)
+        for _, mnt in pods:
             if os.path.ismount(mnt):
                 subprocess.run(["fusermount3", "-u", "-z", mnt])
-        for proc in servers:
-            _stop(proc)
+        stop_processes(servers, timeout=60)
         rgw.stop()
         if keep:
             print(f"kept {work}")
@@ -184,10 +183,3 @@ def _start(argv, env, ready: str) -> subprocess.Popen:
     return p
 
 
-def _stop(p: subprocess.Popen) -> None:
-    if p.poll() is None:
-        p.send_signal(signal.SIGTERM)
-    try:
-        p.wait(60)
-    except subprocess.TimeoutExpired:
-        p.kill()

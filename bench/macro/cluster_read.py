@@ -31,7 +31,6 @@ import asyncio
 import io
 import json
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -45,6 +44,7 @@ from boto3.s3.transfer import TransferConfig
 
 from objcache.client.cluster import ClusterClient
 from objcache.meta.model import ROOT
+from objcache.testing.processes import stop_processes
 from objcache.testing.s3servers import RgwServer, free_port, rgw_available
 from objcache.units import format_size, parse_size
 
@@ -116,14 +116,7 @@ class Servers:
         return ClusterClient(order, SECRET.encode())
 
     def stop(self):
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(self.procs)
 
 
 async def read_through(client: ClusterClient, node, chunk: int, width: int, out=None) -> int:

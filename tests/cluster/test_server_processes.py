@@ -12,6 +12,7 @@ import pytest
 
 from objcache.client.cluster import ClusterClient
 from objcache.meta.model import ROOT
+from objcache.testing.processes import stop_processes
 from objcache.testing.s3servers import free_port
 
 SECRET = "server-process-test-secret"
@@ -58,14 +59,7 @@ class Cluster:
         return ClusterClient(self.addrs, SECRET.encode())
 
     def stop(self):
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(self.procs, timeout=20)
 
 
 @pytest.fixture
