@@ -602,7 +602,8 @@ class DiskTier:
         if e is not None and e.version < version:
             self._remove_entry(e)
 
-    def _remove_entry(self, e: DiskEntry) -> None:
+    def _forget(self, e: DiskEntry) -> None:
+        """Drop ``e`` from the index and its byte counts (not its file)."""
         del self._entries[e.key]
         if e.dirty:
             self._dirty_bytes -= e.size
@@ -611,8 +612,11 @@ class DiskTier:
             self._policy.remove(e.key)
         self._used -= e.size
         self.stats["files"] = len(self._entries)
-        self._spawn(self._unlink(e.path, sync=e.dirty))
         self._notify_space()
+
+    def _remove_entry(self, e: DiskEntry) -> None:
+        self._forget(e)
+        self._spawn(self._unlink(e.path, sync=e.dirty))
 
     def mark_clean(self, key, version: int, now: float) -> bool:
         """The key's dirty file of exactly ``version`` becomes clean (and
@@ -644,15 +648,7 @@ class DiskTier:
         quarantine a dirty one."""
         self.stats["crc_errors"] += 1
         if self._entries.get(e.key) is e:
-            del self._entries[e.key]
-            if e.dirty:
-                self._dirty_bytes -= e.size
-            else:
-                self._clean_bytes -= e.size
-                self._policy.remove(e.key)
-            self._used -= e.size
-            self.stats["files"] = len(self._entries)
-            self._notify_space()
+            self._forget(e)
         if e.dirty:
             self.stats["quarantined"] += 1
             log.error("chunk cache: dirty chunk %s version %d failed its check; "
