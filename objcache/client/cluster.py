@@ -177,16 +177,9 @@ class ClusterClient:
         return Inode.from_wire(r.fields["inode"])
 
     async def truncate(self, node: Inode, size: int) -> Inode:
-        """Set the file's size. Shrinking into the middle of a chunk first
-        zeroes the chunk past the new end, so that a later extension reads
-        zeros there, as POSIX wants, not the old bytes."""
-        versions: dict[int, int] = {}
-        if size < node.size:
-            cs = (await self._direct()).chunk_size
-            if size % cs:
-                end = min(node.size, (size // cs + 1) * cs)
-                versions = await self.write(node, size, bytes(end - size))
-        return await self.flush(node, size, versions, truncate=True)
+        """Set the file's size (the node zeroes the partial chunk past a
+        shrunk end: DataClient.truncate)."""
+        return await self.flush(node, size, {}, truncate=True)
 
     async def fsync(self, ino: int, timeout: float = 300) -> None:
         await self.call("data.fsync", {"ino": ino, "timeout": timeout}, timeout=timeout + 10)

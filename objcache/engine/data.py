@@ -258,6 +258,17 @@ class DataClient:
 
         return dict(await asyncio.gather(*(chunk(i, items) for i, items in by_chunk.items())))
 
+    async def truncate(self, node: Inode, size: int, versions: dict[int, int]) -> Inode:
+        """flush(truncate=True), after zeroing the rest of the chunk that
+        the new end falls in when shrinking into its middle — so that a
+        later extension reads zeros there, as POSIX wants, not old bytes."""
+        versions = dict(versions)
+        cs = self.chunk_size
+        if size < node.size and size % cs:
+            end = min(node.size, (size // cs + 1) * cs)
+            versions.update(await self.write(node, size, bytes(end - size)))
+        return await self.flush(node, size, versions, truncate=True)
+
     async def flush(self, node: Inode, size: int, versions: dict[int, int], *,
                     truncate: bool = False) -> Inode:
         """Publish a new size and chunk versions at the inode's group (one

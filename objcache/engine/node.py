@@ -595,8 +595,10 @@ class Node:
     async def _h_data_flush(self, ctx, fields, payload):
         await self.ensure_root()
         node = Inode.from_wire(fields["inode"])
-        await self.data.flush(node, fields["size"], dict(fields["versions"]),
-                              truncate=bool(fields.get("truncate")))
+        if fields.get("truncate"):
+            await self.data.truncate(node, fields["size"], dict(fields["versions"]))
+        else:
+            await self.data.flush(node, fields["size"], dict(fields["versions"]))
         return {"inode": (await self.ns.getattr(node.id)).to_wire()}
 
     async def _h_data_fsync(self, ctx, fields, payload):
