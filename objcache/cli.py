@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("-o", dest="options", action="append", default=[],
                    metavar="OPTION[,...]")
     m.add_argument("--secret-file")
+    m.add_argument("--readahead-kib", type=int, default=None,
+                   help="kernel readahead window for the mount (default 1024; "
+                        "0 keeps the kernel's; raising it needs root)")
 
     st = sub.add_parser("status", help="show the cluster")
     st.add_argument("--cluster", required=True, metavar="HOST:PORT")

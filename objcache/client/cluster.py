@@ -154,6 +154,9 @@ class ClusterClient:
             self._data = DataClient(service, lambda: self._ring, None, chunk)
         return self._data
 
+    async def chunk_size(self) -> int:
+        return (await self._direct()).chunk_size
+
     async def read(self, node: Inode, offset: int, length: int) -> bytes:
         """Bytes of the file as ``node`` (a getattr/lookup result)
         describes it, read from the chunks' owners directly."""

@@ -185,6 +185,7 @@ class Node:
         self.node_id = 0
         self.group_id = 0
         self.cluster: dict = {"nodes": {}, "groups": {}, "ring": [], "version": 0}
+        self._ring: Ring | None = None
         self._tasks: list[asyncio.Task] = []
         self.started = time.time()
 
@@ -353,8 +354,13 @@ class Node:
         c["groups"] = {int(k): list(v) for k, v in c["groups"].items()}
         if c.get("version", 0) < self.cluster.get("version", -1) and self.cluster["nodes"]:
             return
+        old = self.cluster
         self.cluster = c
-        self._ring = Ring(c["ring"] or [ROOT_GROUP], version=c["version"])
+        if c["ring"] != old.get("ring") or c["version"] != old.get("version") \
+                or self._ring is None:
+            # Building a ring (many points per group) costs milliseconds:
+            # not once a second for an unchanged map.
+            self._ring = Ring(c["ring"] or [ROOT_GROUP], version=c["version"])
         for nid, addr in c["nodes"].items():
             self.host.set_address(nid, *_addr(addr))
 

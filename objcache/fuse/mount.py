@@ -74,6 +74,7 @@ async def _main(args) -> int:
     from objcache.units import parse_size
 
     from .ops import ObjcacheOperations
+    from .readahead import DEFAULT_READAHEAD_KIB
 
     pyfuse3.asyncio.enable()
     bucket, prefix = parse_bucket(args.bucket)
@@ -93,8 +94,10 @@ async def _main(args) -> int:
         node = Node(cfg)
         await node.start()
         client = ClusterClient([("127.0.0.1", node.server.port)], secret)
-    ops = ObjcacheOperations(client)
     await client.getattr(1)                          # the cluster answers before we mount
+    ops = ObjcacheOperations(client, chunk_size=await client.chunk_size(),
+                             mountpoint=args.mountpoint, readahead_kib=DEFAULT_READAHEAD_KIB if args.readahead_kib is None
+                             else args.readahead_kib)
     pyfuse3.init(ops, args.mountpoint, _options(args))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

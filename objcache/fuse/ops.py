@@ -32,6 +32,9 @@ import pyfuse3
 
 from objcache.meta.model import Inode, Kind
 
+from .readahead import after_init
+from .readbuf import ChunkBuffers
+
 log = logging.getLogger(__name__)
 
 ATTR_TIMEOUT = 1.0          # seconds the kernel may cache entries and attributes
@@ -79,9 +82,13 @@ class ObjcacheOperations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, client, *, block_size: int = 1 << 20, total_bytes: int = 1 << 50):
+    def __init__(self, client, *, chunk_size: int, mountpoint: str | None = None,
+                 readahead_kib: int = 0, block_size: int = 1 << 20,
+                 total_bytes: int = 1 << 50):
         super().__init__()
         self.client = client
+        self.mountpoint, self.readahead_kib = mountpoint, readahead_kib
+        self.buffers = ChunkBuffers(self._read_range, chunk_size)
         self.block_size = block_size
         self.total_bytes = total_bytes
         self._handles: dict[int, _Handle] = {}
@@ -89,6 +96,10 @@ class ObjcacheOperations(pyfuse3.Operations):
         self._next_fh = 1
         self._dirs: dict[int, list] = {}
         self._seen: dict[int, tuple] = {}           # inode -> (epoch, data_version) at last open
+
+    def init(self):
+        if self.mountpoint and self.readahead_kib:
+            after_init(self.mountpoint, self.readahead_kib)
 
     # -- attributes ------------------------------------------------------------
 
@@ -274,7 +285,10 @@ class ObjcacheOperations(pyfuse3.Operations):
         if f.dirty:
             node = node.copy()
             node.size = f.size
-        return bytes(await self.client.read(node, off, min(size, f.size - off)))
+        return await self.buffers.read(node, off, size)
+
+    async def _read_range(self, node, off, size):
+        return await self.client.read(node, off, size)
 
     @_errno
     async def write(self, fh, off, buf):
@@ -332,6 +346,7 @@ class ObjcacheOperations(pyfuse3.Operations):
         finally:
             if f.opens == 0 and not f.dirty:
                 self._files.pop(f.node.id, None)
+                self.buffers.forget(f.node.id)
 
     async def publish_all(self) -> None:
         """Publish every open file's writes (unmount)."""
