@@ -6,7 +6,8 @@
 #   S3:      ceph-mon ceph-osd radosgw ceph-common (a one-node Ceph RGW on
 #            loopback for integration tests, benchmarks and the demo)
 #   python:  python3-venv is not needed with pyenv builds; gcc for extensions
-#   tests:   git (real programs run on the mount)
+#   tests:   git, rsync (real programs run on the mount); stress-ng, fio,
+#            dbench, fsmark (filesystem test tools run on the mount)
 set -euo pipefail
 
 PACKAGES=(
@@ -14,7 +15,8 @@ PACKAGES=(
   liburing-dev
   fuse3 libfuse3-dev
   ceph-mon ceph-osd radosgw ceph-common
-  git
+  git rsync
+  stress-ng fio dbench fsmark
 )
 
 missing=()

@@ -628,8 +628,18 @@ class ChunkCache:
 
     # -- write -------------------------------------------------------------
 
+    async def wait_for_dirty_room(self, length: int) -> None:
+        """Admission for a dirty write of a ``length``-byte chunk version:
+        waits up to ``dirty_wait_timeout`` while the disk tier is full of
+        dirty data, then raises ``OSError(ENOSPC)``. A chunk owner calls it
+        BEFORE proposing a write, so the writer gets the ENOSPC and the
+        write's apply (``admitted=True``) never waits on the budget."""
+        self._check_open()
+        await self._disk.wait_for_room(file_size(length), timeout=self._dirty_wait_timeout)
+
     async def write(self, key, version: int, data, *, offset: int = 0,
-                    base: ChunkView | None = None, dirty: bool = True) -> None:
+                    base: ChunkView | None = None, dirty: bool = True,
+                    admitted: bool = False) -> None:
         """Store ``version`` of chunk ``key``: ``base``'s content (or nothing)
         with ``data`` written at ``offset`` (zeros fill any gap); its length
         is ``max(base.length, offset + len(data))``.
@@ -640,6 +650,10 @@ class ChunkCache:
         tier is full of dirty data, waits up to ``dirty_wait_timeout`` for
         space, then raises ``OSError(ENOSPC)``; a real ENOSPC from the file
         system raises the same. Nothing written before is lost either way.
+
+        ``admitted=True`` (a committed log entry being applied, admitted
+        by ``wait_for_dirty_room`` before it was proposed): takes the space
+        at once, past the budget if need be — never ENOSPC from the budget.
 
         ``dirty=False``: cached like a loaded chunk (memory, else disk).
 
@@ -677,7 +691,9 @@ class ChunkCache:
         res = None
         try:
             self._check_stale(key, version)
-            if dirty:
+            if dirty and admitted:
+                res = self._disk.overcommit(file_size(length))
+            elif dirty:
                 res = await self._disk.reserve(file_size(length),
                                                timeout=self._dirty_wait_timeout)
             self._check_open()

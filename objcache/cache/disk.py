@@ -470,6 +470,23 @@ class DiskTier:
         self._used += nbytes
         return Reservation(self, nbytes)
 
+    def overcommit(self, nbytes: int) -> Reservation:
+        """Room for a dirty file, now, past the budget if need be (clean
+        files are evicted first). For a write that was admitted
+        (``wait_for_room``) before it became a committed log entry: its
+        apply must not fail on the budget, since a group cannot skip an
+        entry."""
+        if not self._make_room(nbytes):
+            self.stats["overcommits"] = self.stats.get("overcommits", 0) + 1
+        self._used += nbytes
+        return Reservation(self, nbytes)
+
+    async def wait_for_room(self, nbytes: int, *, timeout: float) -> None:
+        """Admission of a dirty write: returns once ``nbytes`` would fit
+        (evicting clean files), reserving nothing; ``OSError(ENOSPC)``
+        after ``timeout`` seconds of a tier full of dirty data."""
+        (await self.reserve(nbytes, timeout=timeout)).release()
+
     async def reserve(self, nbytes: int, *, timeout: float) -> Reservation:
         """Room for a dirty file: evicts clean files, else waits for
         ``mark_clean``/``remove`` to free space; ``OSError(ENOSPC)`` after

@@ -108,15 +108,26 @@ class ClusterClient:
         return await self._inode("symlink", parent=parent, name=bytes(name),
                                  target=bytes(target), uid=uid, gid=gid)
 
-    async def unlink(self, parent, name) -> None:
-        await self.call("meta.unlink", {"parent": parent, "name": bytes(name)})
+    async def unlink(self, parent, name, *, keep=()) -> int:
+        """Remove the name; returns its inode. ``keep``: inodes held open
+        by the caller, kept as orphans if this was their last link
+        (``forget`` them at the last close)."""
+        r = await self.call("meta.unlink", {"parent": parent, "name": bytes(name),
+                                            "keep": list(keep)})
+        return r.fields.get("ino", 0)
+
+    async def forget(self, ino: int) -> None:
+        await self.call("meta.forget", {"ino": ino})
+
+    async def forget_orphans(self) -> int:
+        return (await self.call("meta.forget_orphans")).fields["n"]
 
     async def rmdir(self, parent, name) -> None:
         await self.call("meta.rmdir", {"parent": parent, "name": bytes(name)})
 
-    async def rename(self, sp, sn, dp, dn, *, noreplace=False) -> None:
+    async def rename(self, sp, sn, dp, dn, *, noreplace=False, keep=()) -> None:
         await self.call("meta.rename", {"sp": sp, "sn": bytes(sn), "dp": dp, "dn": bytes(dn),
-                                        "noreplace": noreplace})
+                                        "noreplace": noreplace, "keep": list(keep)})
 
     async def link(self, ino, parent, name) -> Inode:
         return await self._inode("link", ino=ino, parent=parent, name=bytes(name))

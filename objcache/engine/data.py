@@ -115,6 +115,10 @@ class ChunkService:
         has_local = rec is not None and rec[0] >= epoch_base
         in_bucket = max(0, min(cs, s3_size - index * cs)) if s3 else 0
         covers = offset == 0 and len(data) >= in_bucket
+        # Admission: a full disk tier answers this writer ENOSPC (after
+        # waiting for write-back); once proposed, the apply must not fail.
+        await self.machine.cache.wait_for_dirty_room(
+            max(offset + len(data), rec[1] if has_local else 0, in_bucket))
         if not has_local and in_bucket and not covers:
             view = await self.machine.cache.read(
                 (inode, index), epoch_base,

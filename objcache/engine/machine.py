@@ -65,14 +65,14 @@ class GroupMachine:
                 base = await self.cache.read((inode, idx), base_v, None)
             try:
                 await self.cache.write((inode, idx), version, data, offset=offset,
-                                       base=base, dirty=True)
+                                       base=base, dirty=True, admitted=True)
             finally:
                 if base is not None:
                     base.release()
         elif kind == "cbase":
             _, inode, idx, data, _eb = cmd
             if r[3] and not self._have((inode, idx), r[1]):   # a new local base
-                await self.cache.write((inode, idx), r[1], data, dirty=True)
+                await self.cache.write((inode, idx), r[1], data, dirty=True, admitted=True)
         elif kind == "cclean":
             _, inode, idx, version = cmd
             self.cache.mark_clean((inode, idx), version)

@@ -400,7 +400,8 @@ class Node:
                   "cluster.flush_group": self._h_flush_group,
                   "group.add_member": self._h_add_member})
         for name in ("getattr", "lookup", "readdir", "create", "mkdir", "symlink", "unlink",
-                     "rmdir", "rename", "link", "setattr", "open"):
+                     "rmdir", "rename", "link", "setattr", "open", "forget",
+                     "forget_orphans"):
             h["meta." + name] = self._meta_handler(name)
         h.update({"data.read": _errno(self._h_data_read),
                   "data.write": _errno(self._h_data_write),
@@ -572,14 +573,20 @@ class Node:
             return {"inode": (await ns.symlink(f["parent"], bytes(f["name"]),
                                                bytes(f["target"]), f["uid"], f["gid"])).to_wire()}
         if name == "unlink":
-            await ns.unlink(f["parent"], bytes(f["name"]))
+            return {"ino": await ns.unlink(f["parent"], bytes(f["name"]),
+                                           keep=frozenset(f.get("keep") or ()))}
+        if name == "forget":
+            await ns.forget(f["ino"])
             return {}
+        if name == "forget_orphans":
+            return {"n": await ns.forget_orphans()}
         if name == "rmdir":
             await ns.rmdir(f["parent"], bytes(f["name"]))
             return {}
         if name == "rename":
             await ns.rename(f["sp"], bytes(f["sn"]), f["dp"], bytes(f["dn"]),
-                            noreplace=bool(f.get("noreplace")))
+                            noreplace=bool(f.get("noreplace")),
+                            keep=frozenset(f.get("keep") or ()))
             return {}
         if name == "link":
             return {"inode": (await ns.link(f["ino"], f["parent"], bytes(f["name"]))).to_wire()}

@@ -74,6 +74,9 @@ def s3_metadata(node: Inode) -> dict[str, str]:
             "mtime": str(node.mtime_ns // 10**9)}
 
 
+GC_RECHECK = 30.0       # seconds between existence checks of one inode with chunks here
+GC_BATCH = 256          # inodes checked per pass
+
 class WriteBack:
     def __init__(self, group, store, data, router, *, chunk_size: int, delay: float = 5.0,
                  single_put_max: int = 16 << 20, concurrency: int = 4, clock=time.time,
@@ -89,7 +92,8 @@ class WriteBack:
         self.clock = clock
         self.ns = namespace                 # for relocating renamed directories
         self.stats = {"uploads": 0, "copies": 0, "deletes": 0, "failures": 0, "bytes": 0,
-                      "relocations": 0, "deferred": 0, "parked": 0}
+                      "relocations": 0, "deferred": 0, "parked": 0, "chunks_collected": 0}
+        self._gc_checked: dict[int, float] = {}     # inode -> when its existence was checked
         self._busy: set[int] = set()
         self._remote_prefix: dict[int, str] = {}
         # Per pass: key -> inodes reading from it, old prefix -> moved
@@ -129,6 +133,8 @@ class WriteBack:
         return out[:limit]
 
     def _owed(self, n: Inode) -> bool:
+        if n.nlink <= 0 and n.kind != Kind.DIR:
+            return False                            # an orphan: no name, nothing to write
         if n.dirty:
             return True
         if n.kind == Kind.DIR or n.s3 is None or n.name == b"":
@@ -182,6 +188,8 @@ class WriteBack:
         """One pass; returns how many inodes/tombstones it finished."""
         if not self.group.is_leader:
             return 0
+        if only is None:
+            await self.collect_chunks_of_deleted_inodes()
         await self._refresh_remote_prefixes()
         now = self.clock()
         todo = [n.copy() for n in self.state.inodes.values()
@@ -218,6 +226,36 @@ class WriteBack:
             done += await self._delete_tombstones()
         done += sum(await asyncio.gather(*(one(n) for n in todo)))
         return done
+
+    async def collect_chunks_of_deleted_inodes(self) -> int:
+        """Drop this group's chunk records and cached versions (``cdrop``)
+        of inodes that no longer exist — a file deleted before write-back
+        leaves dirty chunks at their owners, which are not its metadata
+        group, and nothing else would ever free them (a disk tier full of
+        such chunks refuses every write). Safe: an inode id is never reused,
+        a chunk is only written after its inode exists, and the existence
+        check is a linearizable read at the inode's group (an orphan still
+        exists). Each inode is checked at most every GC_RECHECK seconds, at
+        most GC_BATCH per pass. Returns how many inodes were dropped."""
+        st = self.state
+        now = self.clock()
+        live = {ino for ino, _ in st.chunks}
+        for ino in [i for i in self._gc_checked if i not in live]:
+            del self._gc_checked[ino]
+        todo = [i for i in live if now - self._gc_checked.get(i, -GC_RECHECK) >= GC_RECHECK]
+        ring = self.data.ring()
+        dropped = 0
+        for ino in todo[:GC_BATCH]:
+            self._gc_checked[ino] = now
+            try:
+                r = await self.router.read(ring.meta_owner(ino), ["getattr", ino])
+            except Exception:  # noqa: BLE001 - unknown: checked again later
+                continue
+            if r[0] == "err" and r[1] == errno.ENOENT:
+                await self.propose(["cdrop", ino, 0])
+                dropped += 1
+        self.stats["chunks_collected"] += dropped
+        return dropped
 
     async def _refresh_sources(self) -> None:
         sources: dict[str, set[int]] = {}

@@ -74,7 +74,7 @@ async def _main(args) -> int:
     from objcache.units import parse_size
 
     from .ops import ObjcacheOperations
-    from .readahead import DEFAULT_READAHEAD_KIB
+    from .readahead import DEFAULT_READAHEAD_KIB, mount_device
 
     pyfuse3.asyncio.enable()
     bucket, prefix = parse_bucket(args.bucket)
@@ -95,17 +95,38 @@ async def _main(args) -> int:
         await node.start()
         client = ClusterClient([("127.0.0.1", node.server.port)], secret)
     await client.getattr(1)                          # the cluster answers before we mount
+    if node is not None:
+        # Files a killed run held open after unlinking them: no open
+        # survives the process, and this node has no other client.
+        forgotten = await client.forget_orphans()
+        if forgotten:
+            log.info("forgot %d unlinked files the last run held open", forgotten)
+    readahead = DEFAULT_READAHEAD_KIB if args.readahead_kib is None else args.readahead_kib
     ops = ObjcacheOperations(client, chunk_size=await client.chunk_size(),
-                             mountpoint=args.mountpoint, readahead_kib=DEFAULT_READAHEAD_KIB if args.readahead_kib is None
-                             else args.readahead_kib)
+                             mountpoint=args.mountpoint, readahead_kib=readahead)
     pyfuse3.init(ops, args.mountpoint, _options(args))
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_worker_exception_handler)
+    stopping = False
+
+    def stop():
+        nonlocal stopping
+        stopping = True
+        pyfuse3.terminate()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, pyfuse3.terminate)
+        loop.add_signal_handler(sig, stop)
     print(f"mounted on {args.mountpoint}", flush=True)
     code = 0
     try:
-        await pyfuse3.main()
+        while True:
+            await pyfuse3.main()
+            # main() also returns when its last worker died (see
+            # _worker_exception_handler) although the mount is still there:
+            # then start the workers again. A signal or an unmount
+            # (fusermount3 -u: the mount is gone) really ends it.
+            if stopping or mount_device(args.mountpoint) is None:
+                break
+            log.warning("every FUSE worker ended while mounted: restarting them")
     finally:
         try:
             await ops.publish_all()
@@ -120,3 +141,17 @@ async def _main(args) -> int:
         if node is not None:
             await node.stop()
     return code
+
+
+def _worker_exception_handler(loop, context) -> None:
+    """pyfuse3 3.5's worker task raises when reading /dev/fuse answers
+    EAGAIN: the fd polled readable, then the kernel withdrew the request
+    before the read (its process was killed; stress-ng does this). The
+    worker ends (the others go on; ``_main`` restarts them if it was the
+    last). Expected, so not an error; anything else goes to asyncio's
+    default handler."""
+    exc = context.get("exception")
+    if isinstance(exc, BlockingIOError) and "fuse_session_receive_buf" in str(exc):
+        log.info("a FUSE worker ended: a request was withdrawn before it was read")
+        return
+    loop.default_exception_handler(context)

@@ -57,8 +57,13 @@ def _errno(handler):
 
 
 class _File:
-    """An inode with opens in this mount: its unpublished writes."""
-    __slots__ = ("node", "versions", "size", "dirty", "opens")
+    """An inode with opens in this mount: its unpublished writes.
+
+    ``orphan``: its last name was removed (unlink, rename over it) while it
+    was open here. The cluster keeps it (nlink 0, no name, never written
+    back: state.py "nlink" keep) so that the open descriptors keep working,
+    as POSIX wants; the last release here forgets it."""
+    __slots__ = ("node", "versions", "size", "dirty", "opens", "orphan")
 
     def __init__(self, node: Inode):
         self.node = node
@@ -66,6 +71,7 @@ class _File:
         self.size = node.size
         self.dirty = False
         self.opens = 0
+        self.orphan = False
 
 
 class _Handle:
@@ -211,9 +217,20 @@ class ObjcacheOperations(pyfuse3.Operations):
     async def link(self, inode, new_parent_inode, new_name, ctx):
         return self._attr(await self.client.link(inode, new_parent_inode, new_name))
 
+    def _open_here(self) -> list[int]:
+        return [ino for ino, f in self._files.items() if f.opens > 0]
+
+    async def _mark_orphan(self, ino: int) -> None:
+        f = self._files.get(ino)
+        if f is not None and f.opens > 0 and (await self.client.getattr(ino)).nlink <= 0:
+            f.orphan = True
+
     @_errno
     async def unlink(self, parent_inode, name, ctx):
-        await self.client.unlink(parent_inode, name)
+        keep = self._open_here()
+        ino = await self.client.unlink(parent_inode, name, keep=keep)
+        if ino in keep:
+            await self._mark_orphan(ino)
 
     @_errno
     async def rmdir(self, parent_inode, name, ctx):
@@ -223,8 +240,17 @@ class ObjcacheOperations(pyfuse3.Operations):
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise pyfuse3.FUSEError(errno.EINVAL)
+        keep, target = self._open_here(), 0
+        if keep:
+            try:
+                target = (await self.client.lookup(parent_inode_new, name_new)).id
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
         await self.client.rename(parent_inode_old, name_old, parent_inode_new, name_new,
-                                 noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE))
+                                 noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE), keep=keep)
+        if target in keep:
+            await self._mark_orphan(target)
 
     async def forget(self, inode_list):
         pass                                         # no per-inode state to drop
@@ -323,12 +349,14 @@ class ObjcacheOperations(pyfuse3.Operations):
     @_errno
     async def flush(self, fh):
         h = self._handles.get(fh)
-        if h is not None and h.file.dirty:
+        if h is not None and h.file.dirty and not h.file.orphan:
             await self._publish(h.file)
 
     @_errno
     async def fsync(self, fh, datasync):
         f = self._handles[fh].file
+        if f.orphan:
+            return                                   # no name: nothing owed to the bucket
         if f.dirty:
             await self._publish(f)
         await self.client.fsync(f.node.id)
@@ -340,6 +368,12 @@ class ObjcacheOperations(pyfuse3.Operations):
             return
         f = h.file
         f.opens -= 1
+        if f.orphan:
+            if f.opens == 0:
+                self._files.pop(f.node.id, None)
+                self.buffers.forget(f.node.id)
+                await self.client.forget(f.node.id)
+            return
         try:
             if f.dirty:
                 await self._publish(f)
@@ -351,7 +385,12 @@ class ObjcacheOperations(pyfuse3.Operations):
     async def publish_all(self) -> None:
         """Publish every open file's writes (unmount)."""
         for f in list(self._files.values()):
-            if f.dirty:
+            if f.orphan:
+                try:
+                    await self.client.forget(f.node.id)
+                except Exception:  # noqa: BLE001 - the next embedded start forgets it
+                    log.exception("forgetting orphan %d at unmount failed", f.node.id)
+            elif f.dirty:
                 try:
                     await self._publish(f)
                 except Exception:  # noqa: BLE001 - reported; the rest still go

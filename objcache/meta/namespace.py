@@ -377,7 +377,10 @@ class Namespace:
         await self._run(parts, coordinator=pg)
         return node
 
-    async def unlink(self, parent: int, name: bytes) -> None:
+    async def unlink(self, parent: int, name: bytes, *, keep=()) -> int:
+        """Remove the name; returns the inode it was bound to. A file in
+        ``keep`` (inodes a mount holds open) whose last link goes becomes an
+        orphan (state.py "nlink") until ``forget``."""
         found = await self._entry(parent, bytes(name))
         if found is None:
             raise OSError(errno.ENOENT, f"{name!r} not found")
@@ -388,8 +391,25 @@ class Namespace:
         pg = self._group(parent)
         parts = {pg: [["rmentry", parent, bytes(name), child, self._departed(found)],
                       ["setattr", parent, {"mtime_ns": now, "ctime_ns": now}]]}
-        parts.setdefault(self._group(child), []).append(["nlink", child, -1, now])
+        parts.setdefault(self._group(child), []).append(_unlink_op(child, now, keep))
         await self._run(parts, coordinator=pg)
+        return child
+
+    async def forget(self, ino: int) -> None:
+        """Delete an orphan (a mount closed the last open of an unlinked
+        file); nothing for a file that still has a name."""
+        await self._run({self._group(ino): [["forget", ino]]})
+
+    async def forget_orphans(self) -> int:
+        """Delete every orphan (a mount's start: no open survives its
+        process). Returns how many."""
+        n = 0
+        for g in self.ring().groups:
+            r = self._check(await self._read(g, ["orphans"]), "orphans")
+            for ino in r[1]:
+                await self.forget(ino)
+                n += 1
+        return n
 
     async def rmdir(self, parent: int, name: bytes) -> None:
         found = await self._entry(parent, bytes(name))
@@ -426,7 +446,7 @@ class Namespace:
         return await self.getattr(ino)
 
     async def rename(self, sp: int, sn: bytes, dp: int, dn: bytes, *,
-                     noreplace: bool = False, exchange: bool = False) -> None:
+                     noreplace: bool = False, exchange: bool = False, keep=()) -> None:
         sn, dn = bytes(sn), bytes(dn)
         nm.check_new_name(dn)
         if exchange:
@@ -470,7 +490,7 @@ class Namespace:
                 await self._ensure_listed(target)
                 add(self._group(target), ["rmdir", target])
             else:
-                add(self._group(target), ["nlink", target, -1, now])
+                add(self._group(target), _unlink_op(target, now, keep))
         if dpg != spg or dp != sp:
             add(dpg, ["setattr", dp, {"mtime_ns": now, "ctime_ns": now}])
         add(self._group(child), ["setattr", child, {"parent": dp, "name": dn, "ctime_ns": now}])
@@ -511,3 +531,9 @@ def _int_meta(md: dict, name: str, default):
         return int(v, 8) if name == "mode" and v.startswith("0") else int(v)
     except ValueError:
         return default
+
+
+def _unlink_op(ino: int, now: int, keep) -> list:
+    """The nlink op removing one link of ``ino``; ``keep``: inodes a mount
+    holds open (kept as orphans when their last link goes)."""
+    return ["nlink", ino, -1, now, True] if ino in keep else ["nlink", ino, -1, now]

@@ -14,6 +14,8 @@ Requests:
                                    applied index]
   ["counter"]                 -> ["ok", counter]
   ["cluster"]                 -> ["ok", membership]  (root group)
+  ["orphans"]                 -> ["ok", [inode, ...]]  unlinked files kept for a
+                                 mount that held them open (state.py "nlink")
   ["pending"]                 -> ["ok", dirty inodes, tombstones, dirty bytes, inodes, prepared]
   ["shadowed", prefix]        -> ["ok", [key, ...], [[prefix, dir], ...]]  keys under
                                  prefix that are not what their name shows (tombstoned,
@@ -103,6 +105,9 @@ def serve(state: GroupState, request: list) -> list:
             return ok(state.counter)
         if kind == "cluster":
             return ok(state.cluster)
+        if kind == "orphans":
+            return ok([n.id for n in state.inodes.values()
+                       if n.nlink <= 0 and n.kind != Kind.DIR])
         if kind == "pending":
             dirty = sum(1 for n in state.inodes.values() if n.dirty)
             dirty_bytes = sum(n.size for n in state.inodes.values() if n.dirty)

@@ -34,8 +34,17 @@ An *op* is a precondition plus an effect on records this group owns:
                                                directory is `listed` (empty, known);
                                                one found in the bucket is not)
   ["setattr", id, fields]                      inode exists; sets fields
-  ["nlink", id, delta, ctime]                  inode exists; a file whose count
-                                               reaches 0 is deleted
+  ["nlink", id, delta, ctime, keep]            inode exists; a file whose count
+                                               reaches 0 is deleted, unless `keep`
+                                               (optional; a mount holds it open):
+                                               then it becomes an ORPHAN — nlink
+                                               0, no name, parent 0, never written
+                                               back, its bucket object kept (and
+                                               protected as a pending source)
+                                               until ["forget", id]
+  ["forget", id]                               deletes an orphan (its object is
+                                               tombstoned then); nothing for a
+                                               linked or absent inode
   ["rmdir", id]                                directory exists, listed, empty;
                                                deletes it
   ["isdir_empty", id]                          precondition only
@@ -114,7 +123,7 @@ def op_keys(op: list) -> list[tuple]:
     if kind == "mkinode":
         return [_key_inode(op[1][0])]
     if kind in ("setattr", "nlink", "rmdir", "isdir_empty", "flush", "uploaded",
-                "dirmoved", "setprefix", "reload"):
+                "dirmoved", "setprefix", "reload", "forget"):
         return [_key_inode(op[1])]
     if kind in ("alloc", "tombstone", "untomb"):
         return []
@@ -484,7 +493,7 @@ class GroupState:
                     e = self.dirs[d].entries.get(bytes(name)) if d in self.dirs else None
                     if e is None or e.kind == Kind(k):
                         raise OpError(errno.EEXIST, f"{bytes(name)!r} exists")
-            elif kind in ("alloc", "tombstone", "untomb"):
+            elif kind in ("alloc", "tombstone", "untomb", "forget"):
                 pass
             else:
                 raise OpError(errno.EINVAL, f"unknown op {kind!r}")
@@ -536,12 +545,22 @@ class GroupState:
             ino = self.inodes[op[1]]
             ino.nlink += op[2]
             ino.ctime_ns = op[3]
+            if ino.nlink <= 0 and ino.kind != Kind.DIR and len(op) > 4 and op[4]:
+                ino.nlink, ino.parent, ino.name = 0, 0, b""     # an orphan
+                return 0
             if ino.nlink <= 0 and ino.kind != Kind.DIR:
                 del self.inodes[op[1]]
                 if ino.s3 is not None:
                     self.tombstones[ino.s3.key] = ino.s3.etag
                 return 0
             return ino.nlink
+        if kind == "forget":
+            ino = self.inodes.get(op[1])
+            if ino is not None and ino.nlink <= 0 and ino.kind != Kind.DIR:
+                del self.inodes[op[1]]
+                if ino.s3 is not None:
+                    self.tombstones[ino.s3.key] = ino.s3.etag
+            return None
         if kind == "rmdir":
             self.inodes.pop(op[1], None)
             dr = self.dirs.pop(op[1], None)

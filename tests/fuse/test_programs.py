@@ -133,6 +133,22 @@ def test_real_programs(mount, tmp_path):
     shutil.copytree(str(ref / "objcache" / "raft"), os.path.join(m, "tree"))
     assert not filecmp.dircmp(str(ref / "objcache" / "raft"), os.path.join(m, "tree")).diff_files
 
+    run("rsync", "-a", str(ref / "objcache") + "/", os.path.join(m, "rsynced"))
+    run("diff", "-r", str(ref / "objcache"), os.path.join(m, "rsynced"))
+    # A second rsync finds nothing to copy (sizes and mtimes kept).
+    assert run("rsync", "-ai", str(ref / "objcache") + "/",
+               os.path.join(m, "rsynced")).stdout.strip() == b""
+
+    # A virtual environment on the mount, and an import from it.
+    venv = os.path.join(m, "venv")
+    run(sys.executable, "-m", "venv", "--without-pip", venv)
+    site = run(os.path.join(venv, "bin", "python"), "-c",
+               "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.decode().strip()
+    with open(os.path.join(site, "onmount.py"), "w") as f:
+        f.write("VALUE = 42\n")
+    assert run(os.path.join(venv, "bin", "python"), "-c",
+               "import onmount; print(onmount.VALUE)").stdout.strip() == b"42"
+
     db = sqlite3.connect(os.path.join(m, "db.sqlite"))
     db.execute("create table t (k integer primary key, v text)")
     db.executemany("insert into t values (?, ?)", [(i, f"v{i}") for i in range(500)])
@@ -144,6 +160,8 @@ def test_real_programs(mount, tmp_path):
     keys = mount.keys()
     assert keys["x/objcache/raft/core.py"] == (ref / "objcache" / "raft" / "core.py").read_bytes()
     assert keys["repo/README"] == b"one\n"
+    assert keys["rsynced/raft/core.py"] == (ref / "objcache" / "raft" / "core.py").read_bytes()
+    assert keys["venv/pyvenv.cfg"].startswith(b"home")
     con = sqlite3.connect(":memory:")
     path = tmp_path / "back.sqlite"
     path.write_bytes(keys["db.sqlite"])
