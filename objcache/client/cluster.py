@@ -96,6 +96,11 @@ class ClusterClient:
         r = await self.call("meta.readdir", {"ino": ino})
         return [(bytes(n), c, k) for n, c, k in r.fields["entries"]]
 
+    async def readdir_plus(self, ino: int) -> list[tuple[bytes, Inode]]:
+        """Entries with their inodes, in one call."""
+        r = await self.call("meta.readdir_plus", {"ino": ino})
+        return [(bytes(n), Inode.from_wire(w)) for n, w in r.fields["entries"]]
+
     async def create(self, parent, name, mode=0o644, uid=0, gid=0) -> Inode:
         return await self._inode("create", parent=parent, name=bytes(name), mode=mode,
                                  uid=uid, gid=gid)

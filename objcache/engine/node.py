@@ -276,7 +276,7 @@ class Node:
                             default_uid=os.getuid(), default_gid=os.getgid())
         self.writeback = WriteBack(self.group, self.store, self.data, self.router,
                                    chunk_size=cfg.chunk_size, delay=cfg.writeback_delay,
-                                   namespace=self.ns)
+                                   namespace=self.ns, current_ring=self.current_ring)
         self.resolver = Resolver(self.group_id, self.machine.state, self.router)
         await self.refresh_cluster()
         if self.cluster["nodes"].get(self.node_id) != self.address:
@@ -367,6 +367,14 @@ class Node:
     def ring(self) -> Ring:
         return self._ring
 
+    async def current_ring(self) -> Ring:
+        """The ring as the membership group has it now (a linearizable
+        read), not this node's copy, which is refreshed once a second."""
+        r = await self.router.read(ROOT_GROUP, ["cluster"], timeout=5)
+        if r[0] != "ok":
+            raise OSError(r[1], f"cluster map: {r[2]}")
+        return Ring(r[1]["ring"] or [ROOT_GROUP], version=r[1].get("version", 0))
+
     async def refresh_cluster(self) -> None:
         try:
             r = await self.router.read(ROOT_GROUP, ["cluster"], timeout=5)
@@ -399,7 +407,7 @@ class Node:
                   "cluster.node_status": self._h_node_status,
                   "cluster.flush_group": self._h_flush_group,
                   "group.add_member": self._h_add_member})
-        for name in ("getattr", "lookup", "readdir", "create", "mkdir", "symlink", "unlink",
+        for name in ("getattr", "lookup", "readdir", "readdir_plus", "create", "mkdir", "symlink", "unlink",
                      "rmdir", "rename", "link", "setattr", "open", "forget",
                      "forget_orphans"):
             h["meta." + name] = self._meta_handler(name)
@@ -561,6 +569,9 @@ class Node:
             return {"inode": (await ns.open(f["ino"])).to_wire()}
         if name == "lookup":
             return {"inode": (await ns.lookup(f["parent"], bytes(f["name"]))).to_wire()}
+        if name == "readdir_plus":
+            return {"entries": [[n, node.to_wire()]
+                                for n, node in await ns.readdir_plus(f["ino"])]}
         if name == "readdir":
             return {"entries": [[n, c, int(k)] for n, c, k in await ns.readdir(f["ino"])]}
         if name == "create":

@@ -52,6 +52,7 @@ import time
 import msgpack
 
 from objcache.meta import names as nm
+from objcache.meta import xattrs as xattr_codec
 from objcache.meta.model import ROOT, Inode, Kind
 from objcache.txn.coordinator import new_txn_id
 
@@ -70,8 +71,13 @@ def part_size_for(size: int, chunk_size: int) -> int:
 
 
 def s3_metadata(node: Inode) -> dict[str, str]:
-    return {"mode": str(node.st_mode), "uid": str(node.uid), "gid": str(node.gid),
-            "mtime": str(node.mtime_ns // 10**9)}
+    md = {"mode": str(node.st_mode), "uid": str(node.uid), "gid": str(node.gid),
+          "mtime": str(node.mtime_ns // 10**9)}
+    if node.xattrs:
+        encoded = xattr_codec.encode(node.xattrs)
+        if encoded is not None:
+            md[xattr_codec.METADATA_KEY] = encoded
+    return md
 
 
 GC_RECHECK = 30.0       # seconds between existence checks of one inode with chunks here
@@ -80,7 +86,7 @@ GC_BATCH = 256          # inodes checked per pass
 class WriteBack:
     def __init__(self, group, store, data, router, *, chunk_size: int, delay: float = 5.0,
                  single_put_max: int = 16 << 20, concurrency: int = 4, clock=time.time,
-                 namespace=None):
+                 namespace=None, current_ring=None):
         self.group = group                  # RaftGroup with a GroupMachine
         self.store = store
         self.data = data                    # DataClient
@@ -91,6 +97,10 @@ class WriteBack:
         self.concurrency = concurrency
         self.clock = clock
         self.ns = namespace                 # for relocating renamed directories
+        # async () -> Ring read from the membership group now: the chunk
+        # collector must not trust this node's copy, which can be stale (a
+        # node just restarted asked the wrong group and dropped live chunks).
+        self.current_ring = current_ring
         self.stats = {"uploads": 0, "copies": 0, "deletes": 0, "failures": 0, "bytes": 0,
                       "relocations": 0, "deferred": 0, "parked": 0, "chunks_collected": 0}
         self._gc_checked: dict[int, float] = {}     # inode -> when its existence was checked
@@ -243,7 +253,12 @@ class WriteBack:
         for ino in [i for i in self._gc_checked if i not in live]:
             del self._gc_checked[ino]
         todo = [i for i in live if now - self._gc_checked.get(i, -GC_RECHECK) >= GC_RECHECK]
-        ring = self.data.ring()
+        if not todo:
+            return 0
+        try:
+            ring = await self.current_ring() if self.current_ring else self.data.ring()
+        except Exception:  # noqa: BLE001 - no authoritative ring: collect next pass
+            return 0
         dropped = 0
         for ino in todo[:GC_BATCH]:
             self._gc_checked[ino] = now
@@ -252,6 +267,7 @@ class WriteBack:
             except Exception:  # noqa: BLE001 - unknown: checked again later
                 continue
             if r[0] == "err" and r[1] == errno.ENOENT:
+                log.info("dropping the chunks of deleted inode %d", ino)
                 await self.propose(["cdrop", ino, 0])
                 dropped += 1
         self.stats["chunks_collected"] += dropped

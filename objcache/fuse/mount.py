@@ -144,14 +144,20 @@ async def _main(args) -> int:
 
 
 def _worker_exception_handler(loop, context) -> None:
-    """pyfuse3 3.5's worker task raises when reading /dev/fuse answers
-    EAGAIN: the fd polled readable, then the kernel withdrew the request
-    before the read (its process was killed; stress-ng does this). The
-    worker ends (the others go on; ``_main`` restarts them if it was the
-    last). Expected, so not an error; anything else goes to asyncio's
-    default handler."""
+    """Two expected events of pyfuse3 3.5's asyncio mode are not errors;
+    everything else goes to asyncio's default handler.
+
+    A worker task raises when reading /dev/fuse answers EAGAIN: the fd
+    polled readable, then the kernel withdrew the request before the read
+    (its process was killed; stress-ng does this). That worker ends; the
+    others go on, and ``_main`` restarts them if it was the last."""
     exc = context.get("exception")
     if isinstance(exc, BlockingIOError) and "fuse_session_receive_buf" in str(exc):
         log.info("a FUSE worker ended: a request was withdrawn before it was read")
+        return
+    if isinstance(exc, asyncio.InvalidStateError) and "set_result" in repr(context.get("handle")):
+        # pyfuse3.asyncio.wait_readable registers future.set_result as the
+        # /dev/fuse reader and removes it in a done callback; a level-
+        # triggered wakeup in between calls it on a done future. Harmless.
         return
     loop.default_exception_handler(context)

@@ -271,18 +271,13 @@ class ObjcacheOperations(pyfuse3.Operations):
     async def readdir(self, fh, start_id, token):
         d = self._dirs[fh]
         if d[1] is None or start_id == 0:
-            d[1] = sorted(await self.client.readdir(d[0]))
+            # Names and attributes in one call (the kernel asks readdirplus).
+            d[1] = sorted(await self.client.readdir_plus(d[0]), key=lambda e: e[0])
         entries = d[1]
         for i in range(start_id, len(entries)):
-            name, child, _kind = entries[i]
-            try:
-                node = (await self.client.getattr(child) if child
-                        else await self.client.lookup(d[0], name))
-            except OSError as exc:
-                if exc.errno == errno.ENOENT:
-                    continue                         # gone meanwhile
-                raise
-            if not pyfuse3.readdir_reply(token, name, self._attr(node), i + 1):
+            name, node = entries[i]
+            if not pyfuse3.readdir_reply(token, name, self._attr(self._with_pending(node)),
+                                         i + 1):
                 return
 
     async def releasedir(self, fh):

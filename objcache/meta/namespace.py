@@ -28,6 +28,7 @@ from typing import Callable
 from objcache.txn.coordinator import Coordinator, TransactionFailed
 
 from . import names as nm
+from . import xattrs as xattr_codec
 from .model import ROOT, Inode, Kind, S3State, make_inode_id
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,8 @@ class Namespace:
             v = _int_meta(md, name, None)
             if v is not None:
                 fields[name] = v
+        fields["xattrs"] = [[k, v] for k, v in
+                            xattr_codec.decode(md.get(xattr_codec.METADATA_KEY)).items()]
         s3 = [node.s3.key, head.etag, head.size, head.mtime]
         try:
             await self._run({self._group(ino): [["reload", ino, node.s3.etag, s3, fields]]})
@@ -213,6 +216,37 @@ class Namespace:
             await self.load_listing(d)
         r = self._check(await self._read(g, ["readdir", d]), "readdir")
         return [(bytes(n), c, Kind(k)) for n, c, k in r[1]]
+
+    async def readdir_plus(self, d: int) -> list[tuple[bytes, Inode]]:
+        """Entries of ``d`` with their inodes (readdirplus): one batched
+        read per group instead of one getattr per entry. Names only the
+        bucket knew are looked up (which gives them inodes); entries gone
+        meanwhile are left out."""
+        entries = await self.readdir(d)
+        by_group: dict[int, list[int]] = {}
+        for _name, child, _kind in entries:
+            if child:
+                by_group.setdefault(self._group(child), []).append(child)
+        found: dict[int, Inode] = {}
+
+        async def batch(g, ids):
+            r = self._check(await self._read(g, ["getattrs", ids]), "readdir")
+            for ino, w in zip(ids, r[1]):
+                if w is not None:
+                    found[ino] = Inode.from_wire(w)
+        await asyncio.gather(*(batch(g, ids[i:i + 1000]) for g, ids in by_group.items()
+                               for i in range(0, len(ids), 1000)))
+        out = []
+        for name, child, _kind in entries:
+            try:
+                node = found.get(child) or (await self.getattr(child) if child
+                                            else await self.lookup(d, name))
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:
+                    continue                        # gone meanwhile
+                raise
+            out.append((name, node))
+        return out
 
     async def load_listing(self, d: int) -> None:
         """List the directory's bucket prefix into its group (once at a
@@ -309,7 +343,8 @@ class Namespace:
                      _int_meta(md, "gid", self.gid), size=head.size if k == Kind.FILE else len(target),
                      mtime_ns=mtime_ns, parent=parent, name=name, target=target,
                      s3=S3State(key, head.etag, head.size, head.mtime),
-                     data_version=1, uploaded_version=1)
+                     data_version=1, uploaded_version=1,
+                     xattrs=xattr_codec.decode(md.get(xattr_codec.METADATA_KEY)))
         await self._run({pg: [["mkinode", node.to_wire(), "", False],
                               ["mkentry", parent, name, ino_id, int(k), -1]]})
         return node

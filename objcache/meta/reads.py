@@ -7,6 +7,8 @@ again, so no read sees half of a multi-group transaction.
 
 Requests:
   ["getattr", ino]            -> ["ok", inode_wire]
+  ["getattrs", [ino, ...]]    -> ["ok", [inode_wire or None, ...]]  None: absent, or
+                                 locked by a transaction (ask it alone)
   ["lookup", dir, name]       -> ["ok", child, kind, info]  (child 0: lazy entry)
                                  ["err", ENODATA, ...] when the directory is not listed
   ["readdir", dir]            -> ["ok", [[name, child, kind], ...], listed, listed_at, prefix]
@@ -56,6 +58,13 @@ def pending_sources(state: GroupState) -> tuple[list, list]:
 def serve(state: GroupState, request: list) -> list:
     try:
         kind = request[0]
+        if kind == "getattrs":
+            out = []
+            for ino in request[1]:
+                node = state.inodes.get(ino)
+                out.append(None if node is None or ("i", ino) in state.locks
+                           else node.to_wire())
+            return ok(out)
         if kind == "getattr":
             ino = request[1]
             if ("i", ino) in state.locks:

@@ -532,6 +532,7 @@ class GroupState:
             return ino.id
         if kind == "setattr":
             ino = self.inodes[op[1]]
+            owed = False
             for field, value in op[2].items():
                 if field not in _SETTABLE:
                     raise OpError(errno.EINVAL, f"field {field!r} can't be set")
@@ -539,7 +540,12 @@ class GroupState:
                     value = {bytes(a): bytes(b) for a, b in value}
                 elif field in ("name", "target"):
                     value = bytes(value)
+                owed |= field in _IN_OBJECT_METADATA and getattr(ino, field) != value
                 setattr(ino, field, value)
+            if owed and ino.kind != Kind.DIR and not ino.dirty:
+                # The bucket's object carries these (s3fs metadata): a new
+                # version makes write-back upload it again.
+                ino.data_version += 1
             return ino.to_wire()
         if kind == "nlink":
             ino = self.inodes[op[1]]
@@ -625,6 +631,8 @@ class GroupState:
             for field in ("size", "mtime_ns", "mode", "uid", "gid"):
                 if field in fields:
                     setattr(ino, field, fields[field])
+            if "xattrs" in fields:
+                ino.xattrs = {bytes(a): bytes(b) for a, b in fields["xattrs"]}
             return ino.to_wire()
         if kind == "alloc":
             self.counter = max(self.counter, op[1])
@@ -654,6 +662,10 @@ class GroupState:
     def locked(self, k: tuple) -> bytes | None:
         return self.locks.get(k)
 
+
+# Fields write-back stores in the object's user metadata (engine/writeback.py
+# s3_metadata): changing one on a clean file makes it owed again.
+_IN_OBJECT_METADATA = frozenset({"mode", "uid", "gid", "mtime_ns", "xattrs"})
 
 _SETTABLE = frozenset({"mode", "uid", "gid", "size", "mtime_ns", "ctime_ns", "atime_ns",
                        "parent", "name", "target", "xattrs", "chunks"})

@@ -41,10 +41,17 @@ class Cluster:
     def _spawn(self, argv):
         """Start a server; returns once it prints "serving" (it is a full
         member then)."""
-        p = subprocess.Popen(argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+        # Each server's log goes to a file next to its data directory (an
+        # unread pipe could fill up and stall the server).
+        log_path = argv[argv.index("--data-dir") + 1] + ".log"
+        with open(log_path, "ab") as log_file:
+            p = subprocess.Popen(argv, env=self.env, stdout=subprocess.PIPE, stderr=log_file,
+                                 text=True)
         line = p.stdout.readline()
-        assert "serving" in line, (line, p.stderr.read() if p.poll() is not None else "")
+        if p.poll() is not None:
+            with open(log_path) as f:
+                raise AssertionError(f"server did not start: {line}\n{f.read()[-3000:]}")
+        assert "serving" in line, line
         return p
 
     def kill9(self, i):
