@@ -17,6 +17,7 @@ Invariants
 * Not thread-safe: the control plane owns an arena from one thread (the
   event loop). Views may be read from any thread while pinned.
 """
+cimport cython
 from cpython.buffer cimport PyBUF_WRITABLE, PyBUF_FORMAT, PyBUF_ND, PyBUF_STRIDES
 from libc.stdint cimport uint32_t, uint8_t
 from libc.stdlib cimport calloc, free as c_free
@@ -270,6 +271,10 @@ cdef class PageArena:
                 f"{state}>")
 
 
+# no_gc_clear: a memoryview of a page can die inside cyclic garbage; if
+# the collector cleared ``arena`` first, __releasebuffer__ then unpinned
+# through None and crashed the process (found by fsstress).
+@cython.no_gc_clear
 cdef class _PageBuffer:
     """Buffer exporter for one page. Each export (one per memoryview made
     from it) holds one pin, released in __releasebuffer__."""

@@ -119,6 +119,19 @@ class ChunkService:
         # waiting for write-back); once proposed, the apply must not fail.
         await self.machine.cache.wait_for_dirty_room(
             max(offset + len(data), rec[1] if has_local else 0, in_bucket))
+        cached = self.machine.cache.peek((inode, index)) if has_local and s3 else None
+        if has_local and s3 and (cached is None or cached[0] < rec[0]):
+            # The local version was written back, then evicted (clean): the
+            # apply of this write needs it as its base, so load it again
+            # from the object, which holds it (only clean versions are
+            # evicted). Without this the apply found no base and stopped
+            # the group (fsstress). A follower that evicted it too still
+            # cannot apply: R>1 needs the base shipped (not built).
+            view = await self.machine.cache.read(
+                (inode, index), rec[0],
+                self._loader(s3[0], s3[1], index * cs,
+                             max(0, min(rec[1], s3_size - index * cs))))
+            view.release()
         if not has_local and in_bucket and not covers:
             view = await self.machine.cache.read(
                 (inode, index), epoch_base,

@@ -161,6 +161,8 @@ class ObjcacheOperations(pyfuse3.Operations):
         if name == b"..":
             node = await self.client.getattr(parent_inode)
             return self._attr(await self.client.getattr(node.parent or parent_inode))
+        if len(name) > 255:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         return self._attr(self._with_pending(await self.client.lookup(parent_inode, name)))
 
     @_errno
@@ -181,20 +183,26 @@ class ObjcacheOperations(pyfuse3.Operations):
         if fields.update_mtime:
             changes["mtime_ns"] = attr.st_mtime_ns
         if fields.update_size:
-            node = await self.client.getattr(inode)
-            if node.kind == Kind.DIR:
-                raise pyfuse3.FUSEError(errno.EISDIR)
-            f = self._files.get(inode)
-            if f is not None and f.dirty:
-                await self._publish(f)
-            node = await self.client.truncate(node, attr.st_size)
-            if f is not None:
-                f.node, f.size = node, node.size
+            await self._truncate(inode, attr.st_size)
         if changes:
             node = await self.client.setattr(inode, **changes)
         else:
             node = await self.client.getattr(inode)
         return self._attr(self._with_pending(node))
+
+    async def _truncate(self, inode: int, size: int) -> None:
+        f = self._files.get(inode)
+        if f is not None and f.dirty:
+            await self._publish(f)
+        # The node as published: truncating a stale one (its size before
+        # this mount's writes) skipped the zeroing of the cut-off bytes,
+        # and a later extension showed them again (fsx).
+        node = await self.client.getattr(inode)
+        if node.kind == Kind.DIR:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        node = await self.client.truncate(node, size)
+        if f is not None:
+            f.node, f.size = node, node.size
 
     @_errno
     async def readlink(self, inode, ctx):
@@ -290,6 +298,12 @@ class ObjcacheOperations(pyfuse3.Operations):
         node = await self.client.open(inode)
         if node.kind == Kind.DIR:
             raise pyfuse3.FUSEError(errno.EISDIR)
+        if flags & os.O_TRUNC and (node.size or (inode in self._files
+                                                 and self._files[inode].size)):
+            # The kernel passes O_TRUNC to open (atomic_o_trunc) instead of
+            # a setattr before it.
+            await self._truncate(inode, 0)
+            node = await self.client.getattr(inode)
         return self._open_handle(node, flags)
 
     @_errno

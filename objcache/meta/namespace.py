@@ -27,6 +27,8 @@ from typing import Callable
 
 from objcache.txn.coordinator import Coordinator, TransactionFailed
 
+from objcache.backend import MAX_KEY_BYTES
+
 from . import names as nm
 from . import xattrs as xattr_codec
 from .model import ROOT, Inode, Kind, S3State, make_inode_id
@@ -381,7 +383,7 @@ class Namespace:
         """A new file (or symlink): fails with EEXIST if the name exists,
         in the bucket included."""
         nm.check_new_name(name)
-        await self._ensure_listed(parent)
+        _check_key_length(await self._ensure_listed(parent), name)
         pg = self._group(parent)
         ino_id = await self._alloc(pg, near=parent)
         now = _ns(self.clock())
@@ -400,6 +402,7 @@ class Namespace:
     async def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
         key = nm.check_new_name(name)
         prefix = await self._ensure_listed(parent)
+        _check_key_length(prefix, name, directory=True)
         pg = self._group(parent)
         ino_id = await self._alloc(pg)
         now = _ns(self.clock())
@@ -466,10 +469,11 @@ class Namespace:
         node = await self.getattr(ino)
         if node.kind == Kind.DIR:
             raise OSError(errno.EPERM, "hard links to directories are not allowed")
-        await self._ensure_listed(parent)
+        _check_key_length(await self._ensure_listed(parent), name)
         now = _ns(self.clock())
         pg = self._group(parent)
-        parts = {pg: [["mkentry", parent, bytes(name), ino, int(node.kind), None]]}
+        parts = {pg: [["mkentry", parent, bytes(name), ino, int(node.kind), None],
+                      ["setattr", parent, {"mtime_ns": now, "ctime_ns": now}]]}
         parts.setdefault(self._group(ino), []).append(["nlink", ino, 1, now])
         await self._run(parts, coordinator=pg)
         return await self.getattr(ino)
@@ -490,7 +494,7 @@ class Namespace:
         if src is None:
             raise OSError(errno.ENOENT, f"{sn!r} not found")
         child, kind = src.id, src.kind
-        await self._ensure_listed(dp)
+        _check_key_length(await self._ensure_listed(dp), dn, directory=kind == Kind.DIR)
         found = await self._entry(dp, dn)
         dst = (found.id, found.kind) if found is not None else None
         if dst is not None and dst[0] == child:
@@ -572,3 +576,14 @@ def _unlink_op(ino: int, now: int, keep) -> list:
     """The nlink op removing one link of ``ino``; ``keep``: inodes a mount
     holds open (kept as orphans when their last link goes)."""
     return ["nlink", ino, -1, now, True] if ino in keep else ["nlink", ino, -1, now]
+
+
+def _check_key_length(prefix: str, name: bytes, *, directory: bool = False) -> None:
+    """A new entry's bucket key must fit S3's limit: past it the object could
+    never be written back or deleted (write-back retried forever and an
+    unmount never finished: found by pjdfstest's PATH_MAX cases). Such
+    paths answer ENAMETOOLONG. A directory renamed so that keys below it
+    grow past the limit is not caught here."""
+    if len(prefix.encode("utf-8", "surrogateescape")) + len(name) + directory > MAX_KEY_BYTES:
+        raise OSError(errno.ENAMETOOLONG,
+                      f"the bucket key would exceed S3's {MAX_KEY_BYTES} bytes")

@@ -608,6 +608,11 @@ class GroupState:
             if drop_from is not None:               # truncation: chunks past the end go
                 for index in [c for c in ino.chunks if c >= drop_from]:
                     del ino.chunks[index]
+                if ino.s3 is not None and size < ino.s3.size:
+                    # The object's bytes past the new end are not the file's
+                    # any more: past it, base-version chunks read as holes
+                    # (an extension shows zeros, not the old object).
+                    ino.s3 = S3State(ino.s3.key, ino.s3.etag, size, ino.s3.mtime)
             for index, v in chunks:
                 # Concurrent flushes of one file may arrive in any order: a
                 # chunk never goes back to an older version.

@@ -1,0 +1,53 @@
+"""Truncation and partial writes over data the bucket already holds."""
+import asyncio
+import os
+
+from objcache.meta.model import ROOT
+
+from .harness import CHUNK, Engine
+from .test_writeback import drain, writebacks
+
+
+def run(coro, timeout=120):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def _uploaded_file(e, data):
+    f = await e.ns.create(ROOT, b"f", 0o644, 1000, 1000)
+    await e.data.flush(f, len(data), await e.data.write(f, 0, data))
+    await drain(await writebacks(e))
+    node = await e.ns.getattr(f.id)
+    assert not node.dirty and node.s3 is not None
+    return node
+
+
+def test_truncate_down_then_up_over_an_uploaded_object_reads_zeros(tmp_path):
+    async def main():
+        e = await Engine(tmp_path).start()
+        data = os.urandom(3 * CHUNK)
+        node = await _uploaded_file(e, data)
+        await e.data.truncate(node, 100, {})
+        node = await e.ns.getattr(node.id)
+        await e.data.truncate(node, 3 * CHUNK, {})
+        node = await e.ns.getattr(node.id)
+        got = await e.data.read(node, 0, 3 * CHUNK)
+        assert got[:100] == data[:100] and got[100:] == bytes(3 * CHUNK - 100)
+        await e.close()
+    run(main())
+
+
+def test_partial_write_after_the_clean_local_version_was_evicted(tmp_path):
+    async def main():
+        e = await Engine(tmp_path).start()
+        data = os.urandom(CHUNK)
+        node = await _uploaded_file(e, data)
+        # The chunk's local version is clean now: drop it from the owner's
+        # cache as an eviction would.
+        for cache in e.caches.values():
+            cache.discard((node.id, 0))
+        v = await e.data.write(node, 10, b"xyz")
+        await e.data.flush(node, CHUNK, v)
+        node = await e.ns.getattr(node.id)
+        assert await e.data.read(node, 0, CHUNK) == data[:10] + b"xyz" + data[13:]
+        await e.close()
+    run(main())

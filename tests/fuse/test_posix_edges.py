@@ -1,0 +1,71 @@
+"""POSIX edges pjdfstest and fsx found on the mount."""
+import errno
+import os
+
+import pytest
+
+
+def test_truncate_down_then_extend_reads_zeros(mount):
+    # fsx: bytes cut off by a truncate came back when the file grew again.
+    p = os.path.join(mount.path, "f")
+    fd = os.open(p, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        os.pwrite(fd, b"\xaa" * 0x20000, 0)
+        os.ftruncate(fd, 0x1000)
+        os.pwrite(fd, b"\xbb" * 16, 0x30000)
+        assert os.pread(fd, 0x1000, 0x10000) == bytes(0x1000)
+        os.ftruncate(fd, 0x800)
+        os.ftruncate(fd, 0x40000)
+        assert os.pread(fd, 0x1000, 0x30000) == bytes(0x1000)
+        assert os.pread(fd, 0x800, 0) == b"\xaa" * 0x800
+    finally:
+        os.close(fd)
+    with open(p, "rb") as f:                           # after close, from the cluster
+        data = f.read()
+    assert data == b"\xaa" * 0x800 + bytes(0x40000 - 0x800)
+
+
+def test_open_o_trunc_truncates(mount):
+    p = os.path.join(mount.path, "t")
+    with open(p, "w") as f:
+        f.write("test\n")
+    fd = os.open(p, os.O_WRONLY | os.O_TRUNC)
+    os.close(fd)
+    assert os.stat(p).st_size == 0
+    with open(p, "rb") as f:
+        assert f.read() == b""
+
+
+def test_long_names_answer_enametoolong(mount):
+    name = "x" * 256
+    for call in (os.stat, os.unlink, os.rmdir, lambda p: os.chmod(p, 0o600)):
+        with pytest.raises(OSError) as exc:
+            call(os.path.join(mount.path, name))
+        assert exc.value.errno == errno.ENAMETOOLONG
+
+
+def test_link_updates_the_directory_times(mount):
+    d = os.path.join(mount.path, "d")
+    os.mkdir(d)
+    src = os.path.join(mount.path, "src")
+    open(src, "w").close()
+    before = os.stat(d)
+    os.link(src, os.path.join(d, "l"))
+    after = os.stat(d)
+    assert after.st_mtime_ns > before.st_mtime_ns and after.st_ctime_ns > before.st_ctime_ns
+
+
+def test_paths_past_the_s3_key_limit_answer_enametoolong(mount):
+    # A bucket key is at most 1024 bytes: deeper paths could never be
+    # written back (write-back retried forever and unmount hung).
+    d = mount.path
+    depth = 0
+    with pytest.raises(OSError) as exc:
+        for depth in range(10):
+            d = os.path.join(d, "n" * 200)
+            os.mkdir(d)
+    assert exc.value.errno == errno.ENAMETOOLONG and depth >= 4
+    with pytest.raises(OSError) as exc:
+        open(os.path.join(os.path.dirname(d), "f" * 250), "w").close()
+    assert exc.value.errno == errno.ENAMETOOLONG
+    assert mount.unmount() == 0                        # nothing owed that can't be written
