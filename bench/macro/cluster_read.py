@@ -53,6 +53,14 @@ SECRET = "cluster-read-benchmark-secret"
 BUCKET = "bench-cluster"
 
 
+def require_rgw() -> bool:
+    """RGW is installed; else says how to get it (the caller exits 2)."""
+    if rgw_available():
+        return True
+    print("this benchmark needs Ceph RGW (scripts/install-system-deps.sh)", file=sys.stderr)
+    return False
+
+
 class _BufferFile(io.RawIOBase):
     """A seekable file object over a preallocated buffer (boto3 writes
     parts at their offsets)."""
@@ -178,8 +186,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     size, chunk = parse_size(args.size), parse_size(args.chunk)
-    if not rgw_available():
-        print("this benchmark needs Ceph RGW (scripts/install-system-deps.sh)", file=sys.stderr)
+    if not require_rgw():
         return 2
     # Uploaded interleaved, and each round alternates who reads first, so
     # that neither side always gets the older objects or the first turn.

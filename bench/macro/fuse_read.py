@@ -35,11 +35,11 @@ import time
 
 import numpy as np
 
-from bench.macro.cluster_read import BUCKET, SECRET, Servers, read_through
+from bench.macro.cluster_read import BUCKET, SECRET, Servers, read_through, require_rgw
 from bench.macro.fuse_memfs import pattern
 from objcache.meta.model import ROOT
 from objcache.testing.processes import stop_processes
-from objcache.testing.s3servers import RgwServer, rgw_available
+from objcache.testing.s3servers import RgwServer
 from objcache.units import format_size, parse_size
 
 MiB = 1 << 20
@@ -88,8 +88,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     size, chunk = parse_size(args.size), parse_size(args.chunk)
-    if not rgw_available():
-        print("this benchmark needs Ceph RGW (scripts/install-system-deps.sh)", file=sys.stderr)
+    if not require_rgw():
         return 2
     out: dict = {"size": size, "chunk": chunk, "nodes": args.nodes,
                  "readahead_kib": args.readahead_kib}

@@ -94,7 +94,7 @@ class ObjcacheOperations(pyfuse3.Operations):
         super().__init__()
         self.client = client
         self.mountpoint, self.readahead_kib = mountpoint, readahead_kib
-        self.buffers = ChunkBuffers(self._read_range, chunk_size)
+        self.buffers = ChunkBuffers(client.read, chunk_size)
         self.block_size = block_size
         self.total_bytes = total_bytes
         self._handles: dict[int, _Handle] = {}
@@ -190,7 +190,7 @@ class ObjcacheOperations(pyfuse3.Operations):
             node = await self.client.getattr(inode)
         return self._attr(self._with_pending(node))
 
-    async def _truncate(self, inode: int, size: int) -> None:
+    async def _truncate(self, inode: int, size: int) -> Inode:
         f = self._files.get(inode)
         if f is not None and f.dirty:
             await self._publish(f)
@@ -203,6 +203,7 @@ class ObjcacheOperations(pyfuse3.Operations):
         node = await self.client.truncate(node, size)
         if f is not None:
             f.node, f.size = node, node.size
+        return node
 
     @_errno
     async def readlink(self, inode, ctx):
@@ -302,8 +303,7 @@ class ObjcacheOperations(pyfuse3.Operations):
                                                  and self._files[inode].size)):
             # The kernel passes O_TRUNC to open (atomic_o_trunc) instead of
             # a setattr before it.
-            await self._truncate(inode, 0)
-            node = await self.client.getattr(inode)
+            node = await self._truncate(inode, 0)
         return self._open_handle(node, flags)
 
     @_errno
@@ -321,9 +321,6 @@ class ObjcacheOperations(pyfuse3.Operations):
             node = node.copy()
             node.size = f.size
         return await self.buffers.read(node, off, size)
-
-    async def _read_range(self, node, off, size):
-        return await self.client.read(node, off, size)
 
     @_errno
     async def write(self, fh, off, buf):

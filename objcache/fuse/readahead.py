@@ -12,6 +12,7 @@ pyfuse3 filesystem serving from memory: 0.95 GB/s at 128 KiB, 1.6 GB/s at
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -61,5 +62,4 @@ def after_init(mountpoint: str, kib: int) -> None:
     """From ``Operations.init()`` (called while libfuse builds the init
     reply): set the window on the next loop turn, after the reply is written
     and the kernel has applied it."""
-    import asyncio
     asyncio.get_running_loop().call_soon(set_readahead, mountpoint, kib)

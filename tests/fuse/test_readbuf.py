@@ -48,6 +48,13 @@ def pattern(n: int, seed: int = 0) -> bytes:
     return bytes((i * 7 + seed) % 251 for i in range(n))
 
 
+def stored(f: Files, ino: int, size: int, seed: int) -> tuple[Inode, bytes]:
+    """A file of ``size`` pattern bytes at its base version in ``f``."""
+    n = node(ino, size)
+    f.content[(ino, ())] = data = pattern(size, seed)
+    return n, data
+
+
 async def read_all(buf: ChunkBuffers, n: Inode, step: int) -> bytes:
     out = bytearray()
     for off in range(0, n.size, step):
@@ -58,8 +65,7 @@ async def read_all(buf: ChunkBuffers, n: Inode, step: int) -> bytes:
 @sync
 async def test_sequential_reads_fetch_whole_chunks_once_with_readahead():
     f = Files()
-    n = node(1, 10 * CS + 100)
-    f.content[(1, ())] = data = pattern(n.size)
+    n, data = stored(f, 1, 10 * CS + 100, 0)
     b = ChunkBuffers(f.fetch, CS, budget=64 * CS, ahead=2)
     assert await read_all(b, n, 256) == data
     # The first read (offset 0, nothing known yet) is a direct range read;
@@ -72,8 +78,7 @@ async def test_sequential_reads_fetch_whole_chunks_once_with_readahead():
 @sync
 async def test_random_reads_fetch_only_their_range():
     f = Files()
-    n = node(2, 8 * CS)
-    f.content[(2, ())] = data = pattern(n.size, 3)
+    n, data = stored(f, 2, 8 * CS, 3)
     b = ChunkBuffers(f.fetch, CS, budget=64 * CS)
     for off in (5 * CS + 10, 1 * CS + 3, 7 * CS, 2 * CS + 500):
         assert bytes(await b.read(n, off, 100)) == data[off:off + 100]
@@ -109,8 +114,7 @@ async def test_a_read_past_a_short_buffer_refetches():
 @sync
 async def test_budget_bounds_buffered_bytes_and_failures_are_not_kept():
     f = Files()
-    n = node(5, 20 * CS)
-    f.content[(5, ())] = data = pattern(n.size, 4)
+    n, data = stored(f, 5, 20 * CS, 4)
     b = ChunkBuffers(f.fetch, CS, budget=4 * CS, ahead=2)
     assert await read_all(b, n, 512) == data
     assert b._bytes <= 4 * CS
@@ -128,8 +132,7 @@ async def test_budget_bounds_buffered_bytes_and_failures_are_not_kept():
 @sync
 async def test_concurrent_readers_of_one_chunk_share_one_fetch():
     f = Files()
-    n = node(6, 2 * CS)
-    f.content[(6, ())] = data = pattern(n.size, 5)
+    n, data = stored(f, 6, 2 * CS, 5)
     b = ChunkBuffers(f.fetch, CS, budget=64 * CS, ahead=0)
     await b.read(n, 0, 100)                           # the stream starts
     f.gate = asyncio.Event()
