@@ -161,8 +161,6 @@ class ObjcacheOperations(pyfuse3.Operations):
         if name == b"..":
             node = await self.client.getattr(parent_inode)
             return self._attr(await self.client.getattr(node.parent or parent_inode))
-        if len(name) > 255:
-            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         return self._attr(self._with_pending(await self.client.lookup(parent_inode, name)))
 
     @_errno

@@ -140,6 +140,9 @@ class Namespace:
 
     async def lookup(self, parent: int, name: bytes) -> Inode:
         name = bytes(name)
+        if len(name) > nm.NAME_MAX:
+            # No such name can exist; POSIX wants ENAMETOOLONG, not ENOENT.
+            raise OSError(errno.ENAMETOOLONG, "file name longer than 255 bytes")
         g = self._group(parent)
         for _ in range(5):
             r = await self._read(g, ["lookup", parent, name])
