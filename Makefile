@@ -17,7 +17,7 @@ $(VENV)/.deps: pyproject.toml setup.py scripts/install-system-deps.sh
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q setuptools wheel 'Cython>=3.0.10,<4'
-	$(VPY) -m pip install -q --no-build-isolation -e '.[test]'
+	$(VPY) -m pip install -q --no-build-isolation -e '.[test,models]'
 	touch $@
 
 deps: $(VENV)/.deps

@@ -13,13 +13,16 @@ shared machine):
   started mount, versus the ceiling of this FUSE stack: a minimal pyfuse3
   filesystem (bench/macro/fuse_memfs.py) serving the same number of bytes
   from memory, also freshly mounted, with the same readahead window.
-  Target >= 0.8x. Rounds alternate which side goes first.
+  Target >= 0.8x. Rounds alternate which side goes first. The same read
+  with the mount's zero-copy local reads off (OBJCACHE_LOCAL_READS=0: every
+  chunk over RPC) is reported too, as the baseline of that path.
 * repeat read on the same mount (the kernel page cache, kept across opens)
   versus a read of the same bytes from tmpfs. Target >= 0.8x.
 * metadata on the mount, next to the same work on tmpfs: creates/s
   (open O_CREAT + close), stats/s (lstat of names not yet looked up on a
-  new mount), ``os.scandir`` + stat of a ``--dir-entries`` directory, and
-  64 KiB files written and closed per second.
+  new mount), ``os.scandir`` + stat of a ``--dir-entries`` directory,
+  64 KiB files written and closed per second, and a 64 MiB file written
+  with 64 KiB and with 1 MiB writes, to close.
 """
 from __future__ import annotations
 
@@ -85,6 +88,7 @@ def main(argv=None) -> int:
     ap.add_argument("--readahead-kib", type=int, default=1024)
     ap.add_argument("--files", type=int, default=2000)
     ap.add_argument("--dir-entries", type=int, default=10000)
+    ap.add_argument("--no-metadata", action="store_true", help="only the read benchmarks")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     size, chunk = parse_size(args.size), parse_size(args.chunk)
@@ -106,12 +110,13 @@ def main(argv=None) -> int:
             env = dict(os.environ, OBJCACHE_SECRET=SECRET)
             cluster = ",".join(f"{h}:{p}" for h, p in servers.addresses)
 
-            def objcache_mount(name: str) -> _Mount:
+            def objcache_mount(name: str, local_reads: bool = True) -> _Mount:
                 mnt = os.path.join(base, name)
                 os.makedirs(mnt, exist_ok=True)
                 return _Mount([sys.executable, "-m", "objcache", "mount", f"s3://{BUCKET}",
                                mnt, "-f", "--cluster", cluster,
-                               "--readahead-kib", str(args.readahead_kib)], mnt, env)
+                               "--readahead-kib", str(args.readahead_kib)], mnt,
+                              dict(env, OBJCACHE_LOCAL_READS="1" if local_reads else "0"))
 
             def memfs_mount() -> _Mount:
                 mnt = os.path.join(base, "memfs")
@@ -120,7 +125,8 @@ def main(argv=None) -> int:
                                "--readahead-kib", str(args.readahead_kib)], mnt)
 
             out.update(_reads(objcache_mount, memfs_mount, data, args.rounds))
-            out.update(_metadata(objcache_mount, base, args.files, args.dir_entries))
+            if not args.no_metadata:
+                out.update(_metadata(objcache_mount, base, args.files, args.dir_entries))
         finally:
             if servers is not None:
                 servers.stop()
@@ -140,7 +146,7 @@ async def _warm(servers, chunk: int) -> None:
 def _reads(objcache_mount, memfs_mount, data: bytes, rounds: int) -> dict:
     size = len(data)
     buf = bytearray(READ_BLOCK)
-    new, ceiling, repeat, tmpfs = [], [], [], []
+    new, ceiling, repeat, tmpfs, rpc = [], [], [], [], []
     shm = tempfile.NamedTemporaryFile(dir="/dev/shm", prefix="objcache-bench-")
     with shm:
         shm.write(data)
@@ -162,6 +168,15 @@ def _reads(objcache_mount, memfs_mount, data: bytes, rounds: int) -> dict:
                 finally:
                     m.stop()
 
+            def over_rpc():
+                m = objcache_mount("pod-rpc", local_reads=False)
+                try:
+                    dt, n = read_file(os.path.join(m.mountpoint, "big.bin"), buf)
+                    assert n == size
+                    rpc.append(size / dt / 1e9)
+                finally:
+                    m.stop()
+
             def theirs():
                 m = memfs_mount()
                 try:
@@ -170,12 +185,13 @@ def _reads(objcache_mount, memfs_mount, data: bytes, rounds: int) -> dict:
                     ceiling.append(size / dt / 1e9)
                 finally:
                     m.stop()
-            for side in ((ours, theirs) if r % 2 == 0 else (theirs, ours)):
+            for side in ((ours, theirs, over_rpc) if r % 2 == 0 else (over_rpc, theirs, ours)):
                 side()
             dt, n = read_file(shm.name, buf)
             tmpfs.append(size / dt / 1e9)
     return {"new_mount_GBps": new, "ceiling_GBps": ceiling, "repeat_GBps": repeat,
-            "tmpfs_GBps": tmpfs,
+            "tmpfs_GBps": tmpfs, "new_mount_rpc_GBps": rpc,
+            "local_vs_rpc": statistics.median(a / b for a, b in zip(new, rpc)),
             "new_mount_ratio": statistics.median(a / b for a, b in zip(new, ceiling)),
             "repeat_ratio": statistics.median(a / b for a, b in zip(repeat, tmpfs))}
 
@@ -230,6 +246,17 @@ def _meta_run(root: str, files: int, entries: int, payload: bytes) -> dict:
     r["small_files_per_s"] = files / dt
     r["small_MBps"] = files * len(payload) / dt / 1e6
 
+    # Sequential writes of one file, 64 KiB and 1 MiB write(2) calls, to
+    # close (close = durable in the cluster): the mount's write-behind.
+    for block, name in ((64 << 10, "seq_write_64k_MBps"), (1 << 20, "seq_write_1m_MBps")):
+        chunk = (payload * (block // len(payload) + 1))[:block]
+        total = 64 << 20
+        t0 = time.perf_counter()
+        with open(os.path.join(root, name), "wb", buffering=0) as f:
+            for _ in range(total // block):
+                f.write(chunk)
+        r[name] = total / (time.perf_counter() - t0) / 1e6
+
     d = os.path.join(root, "wide")
     os.mkdir(d)
     for i in range(entries):
@@ -250,8 +277,14 @@ def _report(out: dict) -> None:
           f"memory fs {med('ceiling_GBps'):.2f} GB/s   ratio {out['new_mount_ratio']:.2f}x")
     print(f"  repeat read, same mount  {med('repeat_GBps'):.2f} GB/s   tmpfs "
           f"{med('tmpfs_GBps'):.2f} GB/s   ratio {out['repeat_ratio']:.2f}x")
+    print(f"  same, chunks over RPC    {med('new_mount_rpc_GBps'):.2f} GB/s   local reads "
+          f"vs RPC {out['local_vs_rpc']:.2f}x")
+    if "mount_creates_per_s" not in out:
+        return
     for k, unit in (("creates_per_s", "/s"), ("stats_per_s", "/s"),
-                    ("small_files_per_s", "/s"), ("small_MBps", " MB/s"), ("readdir_s", " s")):
+                    ("small_files_per_s", "/s"), ("small_MBps", " MB/s"),
+                    ("seq_write_64k_MBps", " MB/s"), ("seq_write_1m_MBps", " MB/s"),
+                    ("readdir_s", " s")):
         print(f"  {k:<24} mount {out['mount_' + k]:10.1f}{unit:<6} tmpfs "
               f"{out['tmpfs_' + k]:10.1f}{unit}")
 

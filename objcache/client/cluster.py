@@ -8,13 +8,17 @@ unreachable.
 Reads go straight to the chunks' owners (the client fetches the cluster
 map and the ring and runs the same DataClient the nodes run, over RPC):
 one network hop per chunk instead of two through a coordinating node.
-Everything else goes through a node.
+Everything else goes through a node. An owner on this host is read from
+its page arena (shared memory, objcache/ipc) instead of over RPC, unless
+``local_reads=False`` or OBJCACHE_LOCAL_READS=0.
 """
 from __future__ import annotations
 
 import errno
+import os
 
 from objcache.cluster.ring import Ring
+from objcache.ipc.client import LocalFirst, LocalReads
 from objcache.meta.model import Inode, ROOT
 from objcache.rpc import ClientPool, RemoteError, RpcClient, RpcError, Unavailable
 
@@ -30,7 +34,8 @@ def parse_addresses(text: str) -> list[tuple[str, int]]:
 
 
 class ClusterClient:
-    def __init__(self, addresses, secret: bytes, *, timeout: float = 60.0):
+    def __init__(self, addresses, secret: bytes, *, timeout: float = 60.0,
+                 local_reads: bool | None = None):
         if isinstance(addresses, str):
             addresses = parse_addresses(addresses)
         self.addresses = list(addresses)
@@ -43,12 +48,19 @@ class ClusterClient:
         self._caller = None
         self._data = None                           # DataClient over the owners
         self._ring: Ring | None = None
+        if local_reads is None:
+            local_reads = os.environ.get("OBJCACHE_LOCAL_READS", "1") != "0"
+        self._local = None
+        if local_reads:
+            self._local = LocalReads(secret)
 
     async def close(self) -> None:
         for c in self._clients:
             await c.close()
         if self._pool is not None:
             await self._pool.close()
+        if self._local is not None:
+            self._local.close()
 
     async def __aenter__(self):
         return self
@@ -153,6 +165,8 @@ class ClusterClient:
         r = await self.call("cluster.map")
         c = r.fields["cluster"]
         self._caller.set_map(c)
+        if self._local is not None:
+            self._local.set_map(c)
         self._ring = Ring(c["ring"] or [1], version=c.get("version", 0))
         return r.fields["chunk_size"]
 
@@ -166,7 +180,12 @@ class ClusterClient:
             chunk = await self._refresh_map()
 
             async def service(g):
-                return ChunkProxy(self._caller, g)
+                proxy = ChunkProxy(self._caller, g)
+                if self._local is not None:
+                    ch = await self._local.channel(g, self._caller.leader_hint.get(g))
+                    if ch is not None:
+                        return LocalFirst(ch, g, proxy)
+                return proxy
             self._data = DataClient(service, lambda: self._ring, None, chunk)
         return self._data
 

@@ -38,6 +38,8 @@ import msgpack
 from objcache.backend.s3 import S3Store
 from objcache.cache import ChunkCache
 from objcache.fsutil import fsync_dir
+from objcache.ipc import socket_path
+from objcache.ipc.server import LocalReadServer
 from objcache.cluster.ring import Ring
 from objcache.meta.model import ROOT, Inode, Kind
 from objcache.meta.namespace import Namespace
@@ -65,7 +67,8 @@ class NodeConfig:
                  *, endpoint_url: str | None = None, join: tuple[str, int] | None = None,
                  replicas: int = 1, cache_size: int = 4 << 30, memory_fraction: float = 0.25,
                  chunk_size: int = 8 << 20, secret: bytes = b"", writeback_delay: float = 5.0,
-                 tick_seconds: float = 0.05, advertise: str | None = None):
+                 tick_seconds: float = 0.05, advertise: str | None = None,
+                 ipc_dir: str | None = None):
         if chunk_size < (5 << 20) and chunk_size & (chunk_size - 1):
             raise ValueError("chunk size must be >= 5 MiB or a power of two (tests)")
         self.data_dir = data_dir
@@ -82,6 +85,9 @@ class NodeConfig:
         self.writeback_delay = writeback_delay
         self.tick_seconds = tick_seconds
         self.advertise = advertise
+        # Local zero-copy reads (objcache/ipc): the socket's directory;
+        # None: the default (ipc.ipc_dir()); "": no local reads.
+        self.ipc_dir = ipc_dir
 
 
 def _addr(s: str) -> tuple[str, int]:
@@ -270,6 +276,16 @@ class Node:
             ident["bootstrap"] = False              # recorded in the root group now
             self._save_identity(ident)
         self.chunks = ChunkService(self.group, self.store, cfg.chunk_size)
+        self.local_reads = None
+        path = socket_path(self.address, cfg.ipc_dir) if cfg.ipc_dir != "" else None
+        if path is not None:
+            server = LocalReadServer(path, cfg.secret, self.cache.arena, self._local_read,
+                                     node_id=self.node_id)
+            try:
+                await server.start()
+                self.local_reads = server
+            except OSError as exc:                  # e.g. no permission for the directory
+                log.warning("no local zero-copy reads: %s: %s", path, exc)
         self.data = DataClient(self.router.service, self.ring, self.router, cfg.chunk_size)
         self.coordinator = Coordinator(self.router)
         self.ns = Namespace(self.router, self.ring, self.store, coordinator=self.coordinator,
@@ -299,6 +315,8 @@ class Node:
                 await t
             except BaseException:  # noqa: BLE001 - shutting down
                 pass
+        if getattr(self, "local_reads", None) is not None:
+            await self.local_reads.close()          # releases its pins before the cache closes
         await self.server.close()
         await self.group.stop()
         await self.host.close()
@@ -490,6 +508,12 @@ class Node:
         view.release()
         return {}, data
 
+    async def _local_read(self, g: int, inode: int, index: int, version: int, **kw):
+        """A chunk read for a local reader (objcache/ipc/server.py)."""
+        if g != self.group_id:
+            raise NotLeader(0)
+        return await self.chunks.read(inode, index, version, **kw)
+
     async def _h_chunk_write(self, ctx, fields, payload):
         self._local_group(fields["g"])
         v = await self.chunks.write(fields["i"], fields["x"], fields["o"], payload or b"",
@@ -514,7 +538,10 @@ class Node:
         return {"node": self.node_id, "group": self.group_id, "address": self.address,
                 "raft": st, "cache": {k: v for k, v in self.cache.stats.items()
                                       if isinstance(v, (int, float))},
-                "pending": pend[1:] if pend else None, "uptime": time.time() - self.started}
+                "pending": pend[1:] if pend else None, "uptime": time.time() - self.started,
+                "local_reads": (dict(self.local_reads.stats, pinned=self.local_reads.pinned,
+                                     path=self.local_reads.path)
+                                if self.local_reads is not None else None)}
 
     async def _h_status(self, ctx, fields, payload):
         await self.refresh_cluster()

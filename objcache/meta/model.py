@@ -175,8 +175,16 @@ class Directory:
     last saw it]. A mark goes when a complete listing that started after the
     removal no longer sees the name, when a listing shows an object with a
     different ETag (somebody else's new object: it is shown), or when the
-    name is bound again."""
-    __slots__ = ("entries", "listed", "listed_at", "s3_prefix", "moved", "departed")
+    name is bound again.
+
+    ``subdirs`` counts the entries that are directories (lazy prefixes seen
+    in a listing included): the directory inode's link count is
+    ``2 + subdirs`` (POSIX: "." and the parent's entry, plus each child's
+    ".."). GroupState keeps it as entries change (O(1) per change); it is
+    not in the wire form but recomputed from the entries when one is
+    loaded, so snapshots written before it existed load unchanged."""
+    __slots__ = ("entries", "listed", "listed_at", "s3_prefix", "moved", "departed",
+                 "subdirs")
 
     def __init__(self, s3_prefix: str, entries: dict[bytes, Entry] | None = None,
                  listed: bool = False, listed_at: float = 0.0, moved: bool = False,
@@ -189,6 +197,12 @@ class Directory:
         # at ``s3_prefix`` and write-back relocates them (engine/writeback).
         self.moved = moved
         self.departed: dict[bytes, list] = dict(departed or {})
+        self.subdirs = sum(1 for e in self.entries.values() if e.kind == Kind.DIR)
+
+    @property
+    def nlink(self) -> int:
+        """The directory inode's link count."""
+        return 2 + self.subdirs
 
     def to_wire(self) -> list:
         return [self.s3_prefix, [(n, e.to_wire()) for n, e in self.entries.items()],

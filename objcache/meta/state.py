@@ -70,6 +70,14 @@ Invariants:
   sees half of a multi-group transaction.
 * Results are data (errno or values), never exceptions: a failed
   precondition is a normal outcome that every replica computes alike.
+* A directory inode's nlink is 2 + the number of its entries that are
+  directories (lazy prefixes from listings included; files and symlinks
+  never count). A directory's inode and its entries live in the same group,
+  so every change of an entry (mkentry, rmentry, a listing page) updates
+  both the directory's ``subdirs`` and its inode's nlink, O(1); nothing
+  else changes a directory's nlink. Snapshots do not carry the count: it
+  is recomputed from the entries on restore (older snapshots, whose
+  directories all say nlink 2, load right).
 """
 from __future__ import annotations
 
@@ -206,6 +214,10 @@ class GroupState:
         self.group_id = s["g"]
         self.inodes = {w[0]: Inode.from_wire(w) for w in s["inodes"]}
         self.dirs = {d: Directory.from_wire(w) for d, w in s["dirs"]}
+        for d, dr in self.dirs.items():             # subdirs were recounted on load
+            ino = self.inodes.get(d)
+            if ino is not None and ino.kind == Kind.DIR:
+                ino.nlink = dr.nlink
         self.counter = s["counter"]
         self.locks = {}
         self.dir_entry_locks = {}
@@ -295,12 +307,12 @@ class GroupState:
                 del dr.departed[name]               # a different object: show it
             cur = dr.entries.get(name)
             if cur is None or cur.child == 0:
-                dr.entries[name] = Entry(0, Kind(kind), [gen] + list(info or []))
+                self._bind(d, dr, name, Entry(0, Kind(kind), [gen] + list(info or [])))
         if complete:
             for name in [n for n, e in dr.entries.items()
                          if e.child == 0 and e.info and e.info[0] != gen
                          and _key_entry(d, n) not in self.locks]:
-                del dr.entries[name]
+                self._bind(d, dr, name, None)
             if start is not None:
                 for name in [n for n, m in dr.departed.items()
                              if m[1] < start and m[2] != gen]:
@@ -509,18 +521,36 @@ class GroupState:
             return None
         return e.child or -1
 
+    def _bind(self, d: int, dr: Directory, name: bytes, entry: Entry | None) -> None:
+        """Bind ``name`` in directory ``d`` (record ``dr``) to ``entry``, or
+        unbind it (None) — the one place entries change, so that the
+        directory's ``subdirs`` and its inode's nlink (2 + subdirs) stay
+        right in O(1)."""
+        if entry is None:
+            old = dr.entries.pop(name, None)
+        else:
+            old = dr.entries.get(name)
+            dr.entries[name] = entry
+        delta = ((entry is not None and entry.kind == Kind.DIR)
+                 - (old is not None and old.kind == Kind.DIR))
+        if delta:
+            dr.subdirs += delta
+            ino = self.inodes.get(d)
+            if ino is not None and ino.kind == Kind.DIR:
+                ino.nlink = dr.nlink
+
     def _apply(self, op: list):
         kind = op[0]
         if kind == "mkentry":
             _, d, name, child, k, _expect = op
             dr = self.dirs[d]
-            dr.entries[bytes(name)] = Entry(child, Kind(k))
+            self._bind(d, dr, bytes(name), Entry(child, Kind(k)))
             dr.departed.pop(bytes(name), None)
             return child
         if kind == "rmentry":
             d, name = op[1], bytes(op[2])
             dr = self.dirs[d]
-            dr.entries.pop(name, None)
+            self._bind(d, dr, name, None)
             if len(op) > 4 and op[4] is not None:
                 dr.departed[name] = [op[4], self.applied_index, None]
             return None
@@ -528,7 +558,8 @@ class GroupState:
             ino = Inode.from_wire(op[1])
             self.inodes[ino.id] = ino
             if ino.kind == Kind.DIR:
-                self.dirs[ino.id] = Directory(op[2], listed=op[3])
+                self.dirs[ino.id] = dr = Directory(op[2], listed=op[3])
+                ino.nlink = dr.nlink                # a new directory: no subdirectories
             return ino.id
         if kind == "setattr":
             ino = self.inodes[op[1]]

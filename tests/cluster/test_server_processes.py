@@ -160,3 +160,27 @@ def test_fsspec_filesystem(cluster):
     s3 = cluster.s3.client()
     body = s3.get_object(Bucket=cluster.bucket, Key="pre/models/config.json")["Body"].read()
     assert body == b'{"a": 1}'
+
+
+def test_local_zero_copy_reads_match_rpc_reads(cluster):
+    """A client on the owners' host reads their arenas (objcache/ipc); the
+    bytes equal those read over RPC, and the owners' pins all end."""
+    payload = os.urandom(5 * (1 << 20) + 77)
+
+    async def main():
+        async with cluster.client() as c:
+            f = await c.create(ROOT, b"shared.bin")
+            f = await c.flush(f, len(payload), await c.write(f, 0, payload))
+            f = await c.getattr(f.id)
+            local = [bytes(await c.read(f, o, 1 << 20)) for o in range(0, len(payload), 1 << 20)]
+            odd = bytes(await c.read(f, (1 << 20) - 5, 10))     # across a chunk boundary
+        async with ClusterClient(cluster.addrs, SECRET.encode(), local_reads=False) as c:
+            remote = bytes(await c.read(f, 0, len(payload)))
+            nodes = (await c.status())["nodes"]
+        return b"".join(local), odd, remote, nodes
+
+    local, odd, remote, nodes = asyncio.run(asyncio.wait_for(main(), 120))
+    assert local == remote == payload and odd == payload[(1 << 20) - 5:(1 << 20) + 5]
+    stats = [n["local_reads"] for n in nodes]
+    assert sum(s["pins"] for s in stats) >= 6           # every chunk came from an arena
+    assert all(s["pinned"] == 0 for s in stats)         # the first client is gone

@@ -69,3 +69,22 @@ def test_paths_past_the_s3_key_limit_answer_enametoolong(mount):
         open(os.path.join(os.path.dirname(d), "f" * 250), "w").close()
     assert exc.value.errno == errno.ENAMETOOLONG
     assert mount.unmount() == 0                        # nothing owed that can't be written
+
+
+def test_directory_link_counts_follow_subdirectories(mount):
+    # pjdfstest rename/24: a directory's nlink is 2 + its subdirectories.
+    a = os.path.join(mount.path, "a")
+    b = os.path.join(mount.path, "b")
+    os.mkdir(a)
+    os.mkdir(b)
+    assert os.stat(a).st_nlink == 2
+    os.mkdir(os.path.join(a, "sub"))
+    assert os.stat(a).st_nlink == 3
+    open(os.path.join(a, "file"), "w").close()          # files don't count
+    assert os.stat(a).st_nlink == 3
+    os.rmdir(os.path.join(a, "sub"))
+    assert os.stat(a).st_nlink == 2
+    os.mkdir(os.path.join(a, "sub"))
+    os.rename(os.path.join(a, "sub"), os.path.join(b, "sub"))
+    assert (os.stat(a).st_nlink, os.stat(b).st_nlink) == (2, 3)
+    assert os.stat(mount.path).st_nlink == 4             # a and b
