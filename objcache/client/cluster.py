@@ -33,6 +33,14 @@ def parse_addresses(text: str) -> list[tuple[str, int]]:
     return out
 
 
+def _as_oserror(exc: RemoteError) -> Exception:
+    """A remote handler's errno failure as the OSError a filesystem call
+    gives; other remote errors unchanged."""
+    if exc.code == "errno":
+        return OSError((exc.details or {}).get("errno", errno.EIO), exc.message)
+    return exc
+
+
 class ClusterClient:
     def __init__(self, addresses, secret: bytes, *, timeout: float = 60.0,
                  local_reads: bool | None = None):
@@ -199,13 +207,16 @@ class ClusterClient:
         try:
             return await data.read(node, offset, length)
         except RemoteError as exc:
-            if exc.code == "errno":
-                raise OSError((exc.details or {}).get("errno", errno.EIO), exc.message) from None
-            raise
+            raise _as_oserror(exc) from None
 
     async def write(self, node: Inode, offset: int, data) -> dict[int, int]:
-        r = await self.call("data.write", {"inode": node.to_wire(), "offset": offset}, data)
-        return dict(r.fields["versions"])
+        """Write at the chunks' owners directly (one hop: the owner's Raft
+        group commits it); returns {chunk: version} for ``flush``."""
+        direct = await self._direct()
+        try:
+            return await direct.write(node, offset, data)
+        except RemoteError as exc:
+            raise _as_oserror(exc) from None
 
     async def flush(self, node: Inode, size: int, versions: dict[int, int], *,
                     truncate: bool = False) -> Inode:

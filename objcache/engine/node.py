@@ -104,6 +104,26 @@ def _errno(handler):
         except OSError as exc:
             raise HandlerError("errno", exc.strerror or str(exc) or type(exc).__name__,
                                {"errno": exc.errno or errno.EIO}) from None
+        except RemoteError as exc:
+            if exc.code != "errno":             # an owner's errno passes through
+                raise
+            raise HandlerError("errno", exc.message, exc.details) from None
+    return wrapped
+
+
+def _chunk_handler(handler):
+    """The data path at an owner, called by clients directly: OSError as an
+    "errno" error (like ``_errno``), and a leadership lost meanwhile as
+    "not_leader" (the caller retries at the new leader; a write applied
+    twice writes the same bytes, and the caller keeps the later version)."""
+    handler = _errno(handler)
+
+    async def wrapped(ctx, fields, payload):
+        try:
+            return await handler(ctx, fields, payload)
+        except (NotLeader, ProposalDropped) as exc:
+            raise HandlerError("not_leader", str(exc),
+                               {"leader": getattr(exc, "leader", 0)}) from None
     return wrapped
 
 
@@ -419,7 +439,8 @@ class Node:
     def _handlers(self) -> dict:
         h = {}
         h.update({"group.propose": self._h_propose, "group.read": self._h_read,
-                  "chunk.read": self._h_chunk_read, "chunk.write": self._h_chunk_write,
+                  "chunk.read": _chunk_handler(self._h_chunk_read),
+                  "chunk.write": _chunk_handler(self._h_chunk_write),
                   "cluster.join": self._h_join, "cluster.map": self._h_map,
                   "cluster.status": self._h_status, "cluster.drain": self._h_drain,
                   "cluster.node_status": self._h_node_status,
