@@ -17,6 +17,8 @@ from __future__ import annotations
 import errno
 import os
 
+import msgpack
+
 from objcache.cluster.ring import Ring
 from objcache.ipc.client import LocalFirst, LocalReads
 from objcache.meta.model import Inode, ROOT
@@ -114,12 +116,12 @@ class ClusterClient:
 
     async def readdir(self, ino: int) -> list[tuple[bytes, int, int]]:
         r = await self.call("meta.readdir", {"ino": ino})
-        return [(bytes(n), c, k) for n, c, k in r.fields["entries"]]
+        return [(bytes(n), c, k) for n, c, k in msgpack.unpackb(r.payload, strict_map_key=False)]
 
     async def readdir_plus(self, ino: int) -> list[tuple[bytes, Inode]]:
         """Entries with their inodes, in one call."""
         r = await self.call("meta.readdir_plus", {"ino": ino})
-        return [(bytes(n), Inode.from_wire(w)) for n, w in r.fields["entries"]]
+        return [(bytes(n), Inode.from_wire(w)) for n, w in msgpack.unpackb(r.payload, strict_map_key=False)]
 
     async def create(self, parent, name, mode=0o644, uid=0, gid=0) -> Inode:
         return await self._inode("create", parent=parent, name=bytes(name), mode=mode,

@@ -193,9 +193,9 @@ class NodeRouter:
         return fields["r"]
 
     async def read(self, group: int, request: list, timeout: float | None = 10.0) -> list:
-        fields, _ = await self.at_leader(group, "group.read", {"g": group, "q": request},
-                                          timeout=timeout or 10.0)
-        return fields["r"]
+        _, payload = await self.at_leader(group, "group.read", {"g": group, "q": request},
+                                           timeout=timeout or 10.0)
+        return msgpack.unpackb(payload, raw=False, strict_map_key=False)
 
     async def service(self, group: int):
         """The chunk service of ``group``'s leader (local object or proxy)."""
@@ -512,7 +512,8 @@ class Node:
             await grp.read_barrier(timeout=5)
         except NotLeader as exc:
             raise HandlerError("not_leader", str(exc), {"leader": exc.leader}) from None
-        return {"r": serve_read(self.machine.state, fields["q"])}
+        # The answer is the payload: a listing can pass the 1 MiB header limit.
+        return {}, msgpack.packb(serve_read(self.machine.state, fields["q"]))
 
     async def _h_chunk_read(self, ctx, fields, payload):
         self._local_group(fields["g"])
@@ -617,11 +618,13 @@ class Node:
             return {"inode": (await ns.open(f["ino"])).to_wire()}
         if name == "lookup":
             return {"inode": (await ns.lookup(f["parent"], bytes(f["name"]))).to_wire()}
+        # Listings travel as the payload (msgpack), not in the header: a
+        # header is at most 1 MiB, and a 10k-entry readdir_plus is more.
         if name == "readdir_plus":
-            return {"entries": [[n, node.to_wire()]
-                                for n, node in await ns.readdir_plus(f["ino"])]}
+            return {}, msgpack.packb([[n, node.to_wire()]
+                                      for n, node in await ns.readdir_plus(f["ino"])])
         if name == "readdir":
-            return {"entries": [[n, c, int(k)] for n, c, k in await ns.readdir(f["ino"])]}
+            return {}, msgpack.packb([[n, c, int(k)] for n, c, k in await ns.readdir(f["ino"])])
         if name == "create":
             return {"inode": (await ns.create(f["parent"], bytes(f["name"]), f["mode"],
                                               f["uid"], f["gid"])).to_wire()}

@@ -39,6 +39,7 @@ ALL = object()          # _shadowed: every name under the prefix
 
 DEFAULT_FILE_MODE = 0o644
 DEFAULT_DIR_MODE = 0o755
+READDIR_LOOKUPS = 64    # readdir_plus: lookups of bucket-only names in flight
 
 
 def _ns(t: float) -> int:
@@ -241,17 +242,22 @@ class Namespace:
                     found[ino] = Inode.from_wire(w)
         await asyncio.gather(*(batch(g, ids[i:i + 1000]) for g, ids in by_group.items()
                                for i in range(0, len(ids), 1000)))
-        out = []
-        for name, child, _kind in entries:
+        async def one(name, child):
             try:
-                node = found.get(child) or (await self.getattr(child) if child
+                return found.get(child) or (await self.getattr(child) if child
                                             else await self.lookup(d, name))
             except OSError as exc:
                 if exc.errno == errno.ENOENT:
-                    continue                        # gone meanwhile
+                    return None                     # gone meanwhile
                 raise
-            out.append((name, node))
-        return out
+        # Names only the bucket knew need a lookup each (it gives them an
+        # inode): READDIR_LOOKUPS at a time, so that a fresh listing of a
+        # large directory costs batched commits, not one round trip each.
+        nodes: list = []
+        for i in range(0, len(entries), READDIR_LOOKUPS):
+            nodes += await asyncio.gather(*(one(name, child)
+                                            for name, child, _ in entries[i:i + READDIR_LOOKUPS]))
+        return [(name, node) for (name, _, _), node in zip(entries, nodes) if node is not None]
 
     async def load_listing(self, d: int) -> None:
         """List the directory's bucket prefix into its group (once at a

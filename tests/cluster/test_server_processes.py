@@ -184,3 +184,29 @@ def test_local_zero_copy_reads_match_rpc_reads(cluster):
     stats = [n["local_reads"] for n in nodes]
     assert sum(s["pins"] for s in stats) >= 6           # every chunk came from an arena
     assert all(s["pinned"] == 0 for s in stats)         # the first client is gone
+
+
+def test_listing_larger_than_a_message_header(cluster):
+    """A directory whose listing exceeds the RPC header limit (1 MiB):
+    readdir and readdir_plus send it as a payload; bucket-only names get
+    inodes by concurrent lookups."""
+    from concurrent.futures import ThreadPoolExecutor
+    s3 = cluster.s3.client()
+    names = [f"{i:05d}-" + "n" * 200 for i in range(5600)]    # > 1.1 MB of entries
+
+    def put(name):
+        s3.put_object(Bucket=cluster.bucket, Key=f"pre/wide/{name}", Body=b"x")
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(put, names))
+
+    async def main():
+        async with cluster.client() as c:
+            wide = await c.lookup(ROOT, b"wide")
+            listed = await c.readdir(wide.id)
+            plus = await c.readdir_plus(wide.id)
+        return listed, plus
+
+    listed, plus = asyncio.run(asyncio.wait_for(main(), 300))
+    assert sorted(n for n, _, _ in listed) == [n.encode() for n in names]
+    assert sorted(n for n, _ in plus) == [n.encode() for n in names]
+    assert all(node.size == 1 and node.id for _, node in plus)
