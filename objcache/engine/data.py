@@ -277,14 +277,25 @@ class DataClient:
 
     async def truncate(self, node: Inode, size: int, versions: dict[int, int]) -> Inode:
         """flush(truncate=True), after zeroing the rest of the chunk that
-        the new end falls in when shrinking into its middle — so that a
-        later extension reads zeros there, as POSIX wants, not old bytes."""
+        the new end falls in when shrinking into its middle, and after the
+        owners forget every chunk past it (``cdrop`` in every group: a
+        chunk's owner is wherever the ring puts it) — so that a later
+        extension or write there reads zeros, as POSIX wants, not old
+        bytes (fsx, 24 MiB file: a write into a cut-away chunk built on
+        its old local version)."""
         versions = dict(versions)
         cs = self.chunk_size
         if size < node.size and size % cs:
             end = min(node.size, (size // cs + 1) * cs)
             versions.update(await self.write(node, size, bytes(end - size)))
+        drop_from = -(-size // cs)
+        if size < node.size and node.size > drop_from * cs:
+            await asyncio.gather(*(self._drop(g, node.id, drop_from)
+                                   for g in self.ring().groups))
         return await self.flush(node, size, versions, truncate=True)
+
+    async def _drop(self, group: int, inode: int, from_index: int) -> None:
+        _check(await self.router.propose(group, ["cdrop", inode, from_index, True]), "cdrop")
 
     async def flush(self, node: Inode, size: int, versions: dict[int, int], *,
                     truncate: bool = False) -> Inode:
@@ -292,6 +303,8 @@ class DataClient:
         transaction): after this, every reader sees the new data."""
         now = int(self.clock() * 1e9)
         drop_from = -(-size // self.chunk_size) if truncate else None
+        if drop_from is not None:                   # writes past the new end are cut too
+            versions = {i: v for i, v in versions.items() if i < drop_from}
         g = self.ring().meta_owner(node.id)
         r = await self.router.propose(g, ["tx", new_txn_id(), [[
             "flush", node.id, size, sorted(versions.items()), drop_from, now]]])

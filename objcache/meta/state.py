@@ -15,7 +15,11 @@ replica. Entries (msgpack arrays):
   ["reserve", n]                           reserve n inode counters (returns the range)
   ["cwrite", ino, idx, off, data, size, eb]  a write into an owned chunk (new version)
   ["cbase", ino, idx, data, eb]            the bucket's chunk content as a local base
-  ["cdrop", ino, from_idx]                 forget local chunk versions
+  ["cdrop", ino, from_idx, floor]          forget local chunk versions >= from_idx;
+                                           floor: later versions of the inode's
+                                           chunks stay above the dropped ones
+                                           (truncate), else forget the inode
+                                           (a deleted file)
   ["cclean", ino, idx, version]            that version is in the bucket now
   ["join", address, replicas] / ["freeze"] cluster membership (root group only)
   ["readdress", node, address]             a node restarted on another address
@@ -158,6 +162,10 @@ class GroupState:
         # objcache): (inode, index) -> [version, length]. Version 0 — no
         # record — means "the bucket's content at the inode's ETag".
         self.chunks: dict[tuple[int, int], list[int]] = {}
+        # inode -> highest chunk version dropped by a truncate (cdrop with
+        # floor): new versions of its chunks start above it, so that a
+        # version number never names two contents (readers cache by it).
+        self.chunk_floors: dict[int, int] = {}
         # Cluster membership (kept by the root group, group 1): node id ->
         # address, group id -> member node ids, the groups in the ring, and
         # the ring version (bumped by every change).
@@ -205,6 +213,7 @@ class GroupState:
             "decisions": list(self.decisions.items()),
             "tombstones": list(self.tombstones.items()),
             "chunks": [[i, c, v, n] for (i, c), (v, n) in self.chunks.items()],
+            "chunk_floors": list(self.chunk_floors.items()),
             "cluster": self.cluster,
             "applied": self.applied_index,
         })
@@ -227,6 +236,7 @@ class GroupState:
         self.decisions = {bytes(t): d for t, d in s["decisions"]}
         self.tombstones = dict(s["tombstones"])
         self.chunks = {(i, c): [v, n] for i, c, v, n in s["chunks"]}
+        self.chunk_floors = dict(s.get("chunk_floors", ()))
         self.cluster = s["cluster"]
         self.cluster["nodes"] = {int(k): v for k, v in self.cluster["nodes"].items()}
         self.cluster["groups"] = {int(k): v for k, v in self.cluster["groups"].items()}
@@ -335,7 +345,7 @@ class GroupState:
         if cur is not None and cur[0] < epoch_base:
             cur = None                              # an older epoch: stale
         base_v, base_len = cur if cur else (0, 0)
-        prev = base_v or epoch_base
+        prev = base_v or max(epoch_base, self.chunk_floors.get(inode, 0))
         if offset < 0 or offset + len(data) > chunk_size:
             raise OpError(errno.EINVAL, "write outside the chunk")
         length = max(base_len, offset + len(data))
@@ -348,19 +358,28 @@ class GroupState:
         cur = self.chunks.get((inode, index))
         if cur is not None and cur[0] >= epoch_base:
             return ok(cur[0], cur[1], False)        # a local base exists already
-        self.chunks[(inode, index)] = [epoch_base + 1, len(data)]
-        return ok(epoch_base + 1, len(data), True)
+        v = max(epoch_base, self.chunk_floors.get(inode, 0)) + 1
+        self.chunks[(inode, index)] = [v, len(data)]
+        return ok(v, len(data), True)
 
     def _cmd_cclean(self, inode, index, version) -> Result:
         """Write-back stored chunk ``version`` in the bucket: the node may
         evict it (the bucket can give it back)."""
         return ok()
 
-    def _cmd_cdrop(self, inode, from_index) -> Result:
-        """Forget local versions of chunks >= from_index (truncate/unlink)."""
+    def _cmd_cdrop(self, inode, from_index, floor=False) -> Result:
+        """Forget local versions of chunks >= from_index: a truncate
+        (``floor``: later versions stay above the dropped ones) or a
+        deleted file (its floor goes too)."""
         dropped = [c for (i, c) in self.chunks if i == inode and c >= from_index]
+        top = max((self.chunks[(inode, c)][0] for c in dropped), default=0)
         for c in dropped:
             del self.chunks[(inode, c)]
+        if floor:
+            if top > self.chunk_floors.get(inode, 0):
+                self.chunk_floors[inode] = top
+        else:
+            self.chunk_floors.pop(inode, None)
         return ok(dropped)
 
     # ------------------------------------------------------------ membership (root group)

@@ -51,3 +51,34 @@ def test_partial_write_after_the_clean_local_version_was_evicted(tmp_path):
         assert await e.data.read(node, 0, CHUNK) == data[:10] + b"xyz" + data[13:]
         await e.close()
     run(main())
+
+
+def test_a_write_into_a_chunk_cut_away_by_truncate_reads_zeros_around_it(tmp_path):
+    """fsx's failure on a 24 MiB file: data in chunk 1, a truncate into
+    chunk 0, a write into chunk 1 again — the write built on chunk 1's old
+    local version, so the cut bytes came back (and reached the bucket).
+    Uploaded or not before the cut, the chunk must read zeros around the
+    new write, and its new version must never reuse an old number."""
+    async def main():
+        e = await Engine(tmp_path).start()
+        for upload in (False, True):
+            f = await e.ns.create(ROOT, f"f{upload}".encode(), 0o644, 0, 0)
+            old = os.urandom(CHUNK + 4096)
+            f = await e.data.flush(f, len(old), await e.data.write(f, 0, old))
+            if upload:
+                await drain(await writebacks(e))
+            node = await e.ns.getattr(f.id)
+            before = node.chunk_version(1)
+            await e.data.truncate(node, CHUNK // 2, {})
+            node = await e.ns.getattr(f.id)
+            v = await e.data.write(node, CHUNK + 100, b"Z")
+            assert v[1] > before                     # a new number for new content
+            await e.data.flush(node, CHUNK + 101, v)
+            node = await e.ns.getattr(f.id)
+            got = await e.data.read(node, 0, CHUNK + 101)
+            assert got == old[:CHUNK // 2] + bytes(CHUNK // 2 + 100) + b"Z", upload
+            await drain(await writebacks(e))
+            node = await e.ns.getattr(f.id)
+            assert bytes(await e.store.get(node.s3.key)) == got    # the bucket too
+        await e.close()
+    run(main())

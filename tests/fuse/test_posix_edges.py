@@ -88,3 +88,25 @@ def test_directory_link_counts_follow_subdirectories(mount):
     os.rename(os.path.join(a, "sub"), os.path.join(b, "sub"))
     assert (os.stat(a).st_nlink, os.stat(b).st_nlink) == (2, 3)
     assert os.stat(mount.path).st_nlink == 4             # a and b
+
+
+def test_a_chunk_cut_away_by_truncate_and_written_again_reads_zeros(mount):
+    """fsx on a 24 MiB file: 4 KiB at 9 MiB (chunk 1), truncate to 1 MiB,
+    one byte at 10 MiB — the bytes at 9 MiB must read as zeros, on this
+    mount and in the bucket."""
+    p = os.path.join(mount.path, "s")
+    with open(p, "wb") as f:
+        f.seek(9 << 20)
+        f.write(os.urandom(4096))
+    os.truncate(p, 1 << 20)
+    with open(p, "r+b") as f:
+        f.seek(10 << 20)
+        f.write(b"Z")
+    with open(p, "rb") as f:
+        f.seek(9 << 20)
+        assert f.read(4096) == bytes(4096)
+        f.seek(0)
+        data = f.read()
+    assert len(data) == (10 << 20) + 1 and data[-1:] == b"Z" and not data[(1 << 20):-1].strip(b"\0")
+    assert mount.unmount() == 0
+    assert mount.keys()["s"] == data

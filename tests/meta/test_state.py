@@ -154,3 +154,25 @@ def test_reserve_hands_out_disjoint_ranges():
     b = cmd(s, "reserve", 50)
     assert a == ["ok", 1, 100] and b == ["ok", 101, 150]
     assert cmd(s, "reserve", 0)[:2] == ["err", errno.EINVAL]
+
+
+def test_chunk_versions_never_repeat_after_a_truncate_drop():
+    """cdrop with a floor (truncate): a cut-away chunk written again gets a
+    version above every dropped one — readers cache chunks by version —
+    and the floor survives a snapshot; a deleted file's cdrop forgets it."""
+    s = GroupState(1)
+    base = 7 << 32
+    for k in range(3):
+        assert s.apply_command(["cwrite", 5, 1, 0, b"x", 1024, base], k + 1)[0] == "ok"
+    assert s.chunks[(5, 1)][0] == base + 3
+    assert s.apply_command(["cdrop", 5, 1, True], 4) == ["ok", [1]]
+    t = GroupState(1)
+    t.restore(s.snapshot())
+    for st in (s, t):
+        r = st.apply_command(["cwrite", 5, 1, 0, b"y", 1024, base], 5)
+        assert r[1] == base + 4 and r[2] == 0             # above the floor, no old base
+        r = st.apply_command(["cbase", 5, 2, b"z", base], 6)
+        assert r[1] == base + 4 and r[3] is True
+        st.apply_command(["cdrop", 5, 0], 7)                  # the file is deleted
+        assert st.chunk_floors == {} and st.apply_command(
+            ["cwrite", 5, 1, 0, b"y", 1024, base], 8)[1] == base + 1
