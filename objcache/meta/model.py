@@ -63,7 +63,7 @@ class Inode:
     __slots__ = ("id", "kind", "mode", "uid", "gid", "size", "mtime_ns",
                  "ctime_ns", "atime_ns", "nlink", "parent", "name", "target",
                  "s3", "chunks", "data_version", "uploaded_version", "xattrs",
-                 "epoch")
+                 "epoch", "links")
 
     def __init__(self, id: int, kind: Kind, mode: int, uid: int, gid: int, *,
                  size: int = 0, mtime_ns: int = 0, ctime_ns: int | None = None,
@@ -71,7 +71,7 @@ class Inode:
                  name: bytes = b"", target: bytes = b"", s3: S3State | None = None,
                  chunks: dict[int, int] | None = None, data_version: int = 0,
                  uploaded_version: int = 0, xattrs: dict[bytes, bytes] | None = None,
-                 epoch: int = 0):
+                 epoch: int = 0, links: list | None = None):
         self.id = id
         self.kind = Kind(kind)
         self.mode = mode & 0o7777           # permission bits only; type from kind
@@ -95,6 +95,11 @@ class Inode:
         # epoch << EPOCH_SHIFT, so cached chunks of an older epoch can never
         # be mistaken for current ones.
         self.epoch = epoch
+        # A file's other names (hard links), [parent, name] each; the
+        # primary one is (parent, name) and the bucket holds the file at
+        # that key only. When the primary name goes, the first of these
+        # becomes primary (write-back then moves the object there).
+        self.links: list[list] = [[p, bytes(n)] for p, n in (links or ())]
 
     def base_version(self) -> int:
         """The chunk version meaning "the bucket's content" in this epoch."""
@@ -117,18 +122,20 @@ class Inode:
                 self.mtime_ns, self.ctime_ns, self.atime_ns, self.nlink, self.parent,
                 self.name, self.target, self.s3.to_wire() if self.s3 else None,
                 list(self.chunks.items()), self.data_version, self.uploaded_version,
-                list(self.xattrs.items()), self.epoch]
+                list(self.xattrs.items()), self.epoch, self.links]
 
     @classmethod
     def from_wire(cls, w) -> "Inode":
         (id_, kind, mode, uid, gid, size, mtime, ctime, atime, nlink, parent, name,
-         target, s3, chunks, dv, uv, xattrs, epoch) = w
+         target, s3, chunks, dv, uv, xattrs, epoch) = w[:19]
+        links = w[19] if len(w) > 19 else None      # absent in older records
         return cls(id_, Kind(kind), mode, uid, gid, size=size, mtime_ns=mtime,
                    ctime_ns=ctime, atime_ns=atime, nlink=nlink, parent=parent,
                    name=bytes(name), target=bytes(target),
                    s3=S3State.from_wire(s3) if s3 is not None else None,
                    chunks=dict(chunks), data_version=dv, uploaded_version=uv,
-                   xattrs={bytes(k): bytes(v) for k, v in xattrs}, epoch=epoch)
+                   xattrs={bytes(k): bytes(v) for k, v in xattrs}, epoch=epoch,
+                   links=links)
 
     def copy(self) -> "Inode":
         return Inode.from_wire(self.to_wire())

@@ -438,7 +438,8 @@ class Namespace:
         pg = self._group(parent)
         parts = {pg: [["rmentry", parent, bytes(name), child, self._departed(found)],
                       ["setattr", parent, {"mtime_ns": now, "ctime_ns": now}]]}
-        parts.setdefault(self._group(child), []).append(_unlink_op(child, now, keep))
+        parts.setdefault(self._group(child), []).append(
+            _unlink_op(child, now, keep, [parent, bytes(name)]))
         await self._run(parts, coordinator=pg)
         return child
 
@@ -483,7 +484,8 @@ class Namespace:
         pg = self._group(parent)
         parts = {pg: [["mkentry", parent, bytes(name), ino, int(node.kind), None],
                       ["setattr", parent, {"mtime_ns": now, "ctime_ns": now}]]}
-        parts.setdefault(self._group(ino), []).append(["nlink", ino, 1, now])
+        parts.setdefault(self._group(ino), []).append(
+            ["nlink", ino, 1, now, False, [parent, bytes(name)]])
         await self._run(parts, coordinator=pg)
         return await self.getattr(ino)
 
@@ -538,10 +540,10 @@ class Namespace:
                 await self._ensure_listed(target)
                 add(self._group(target), ["rmdir", target])
             else:
-                add(self._group(target), _unlink_op(target, now, keep))
+                add(self._group(target), _unlink_op(target, now, keep, [dp, dn]))
         if dpg != spg or dp != sp:
             add(dpg, ["setattr", dp, {"mtime_ns": now, "ctime_ns": now}])
-        add(self._group(child), ["setattr", child, {"parent": dp, "name": dn, "ctime_ns": now}])
+        add(self._group(child), ["relink", child, [sp, sn], [dp, dn], now])
         if kind == Kind.DIR:
             add(self._group(child), ["dirmoved", child])    # write-back relocates it
         await self._run(parts, coordinator=spg)
@@ -581,10 +583,11 @@ def _int_meta(md: dict, name: str, default):
         return default
 
 
-def _unlink_op(ino: int, now: int, keep) -> list:
-    """The nlink op removing one link of ``ino``; ``keep``: inodes a mount
-    holds open (kept as orphans when their last link goes)."""
-    return ["nlink", ino, -1, now, True] if ino in keep else ["nlink", ino, -1, now]
+def _unlink_op(ino: int, now: int, keep, link: list) -> list:
+    """The nlink op removing the name ``link`` ([dir, name]) of ``ino``;
+    ``keep``: inodes a mount holds open (kept as orphans when their last
+    link goes)."""
+    return ["nlink", ino, -1, now, ino in keep, link]
 
 
 def _check_key_length(prefix: str, name: bytes, *, directory: bool = False) -> None:

@@ -38,7 +38,11 @@ An *op* is a precondition plus an effect on records this group owns:
                                                directory is `listed` (empty, known);
                                                one found in the bucket is not)
   ["setattr", id, fields]                      inode exists; sets fields
-  ["nlink", id, delta, ctime, keep]            inode exists; a file whose count
+  ["relink", id, old, new, ctime]              inode exists; its name old ([dir, name])
+                                               is now new (rename)
+  ["nlink", id, delta, ctime, keep, link]      inode exists; link: the [dir, name]
+                                               added or removed (a file's names:
+                                               Inode.links); a file whose count
                                                reaches 0 is deleted, unless `keep`
                                                (optional; a mount holds it open):
                                                then it becomes an ORPHAN — nlink
@@ -135,7 +139,7 @@ def op_keys(op: list) -> list[tuple]:
     if kind == "mkinode":
         return [_key_inode(op[1][0])]
     if kind in ("setattr", "nlink", "rmdir", "isdir_empty", "flush", "uploaded",
-                "dirmoved", "setprefix", "reload", "forget"):
+                "dirmoved", "setprefix", "reload", "forget", "relink"):
         return [_key_inode(op[1])]
     if kind in ("alloc", "tombstone", "untomb"):
         return []
@@ -492,7 +496,7 @@ class GroupState:
                 if op[1][0] in self.inodes or op[1][0] in created:
                     raise OpError(errno.EEXIST, f"inode {op[1][0]} exists")
                 created.add(op[1][0])
-            elif kind in ("setattr", "nlink", "flush", "uploaded"):
+            elif kind in ("setattr", "nlink", "flush", "uploaded", "relink"):
                 if op[1] not in self.inodes and op[1] not in created:
                     raise OpError(errno.ENOENT, f"inode {op[1]} does not exist")
             elif kind == "reload":
@@ -539,6 +543,22 @@ class GroupState:
         if e is None:
             return None
         return e.child or -1
+
+    @staticmethod
+    def _track_link(ino: Inode, delta: int, link: list) -> None:
+        """Keep the file's names: a new link joins ``links``; a removed one
+        leaves — if it was the primary name, the first other name becomes
+        primary, so the bucket never keeps the file only under a removed
+        name (fsstress: ``ln a b; rm a`` lost b)."""
+        primary = [ino.parent, ino.name]
+        if delta > 0:
+            if link != primary and link not in ino.links:
+                ino.links.append(link)
+        elif link == primary:
+            if ino.links:
+                ino.parent, ino.name = ino.links.pop(0)
+        elif link in ino.links:
+            ino.links.remove(link)
 
     def _bind(self, d: int, dr: Directory, name: bytes, entry: Entry | None) -> None:
         """Bind ``name`` in directory ``d`` (record ``dr``) to ``entry``, or
@@ -601,6 +621,8 @@ class GroupState:
             ino = self.inodes[op[1]]
             ino.nlink += op[2]
             ino.ctime_ns = op[3]
+            if len(op) > 5 and op[5] is not None and ino.kind != Kind.DIR:
+                self._track_link(ino, op[2], [op[5][0], bytes(op[5][1])])
             if ino.nlink <= 0 and ino.kind != Kind.DIR and len(op) > 4 and op[4]:
                 ino.nlink, ino.parent, ino.name = 0, 0, b""     # an orphan
                 return 0
@@ -610,6 +632,18 @@ class GroupState:
                     self.tombstones[ino.s3.key] = ino.s3.etag
                 return 0
             return ino.nlink
+        if kind == "relink":
+            # A rename of one of the inode's names: the primary one moves
+            # the bucket key; another one just changes in the list.
+            _, i, old, new, now = op
+            ino = self.inodes[i]
+            old, new = [old[0], bytes(old[1])], [new[0], bytes(new[1])]
+            if old in ino.links and old != [ino.parent, ino.name]:
+                ino.links[ino.links.index(old)] = new
+            else:
+                ino.parent, ino.name = new
+            ino.ctime_ns = now
+            return None
         if kind == "forget":
             ino = self.inodes.get(op[1])
             if ino is not None and ino.nlink <= 0 and ino.kind != Kind.DIR:

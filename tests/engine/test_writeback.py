@@ -191,3 +191,38 @@ def test_directory_rename_relocates_the_subtree(tmp_path):
             "renamed/sub/deeper/": b"", "renamed/sub/deeper/c.txt": b"top/sub/deeper/c.txt"}
         await e.close()
     run(main())
+
+
+def test_hard_linked_file_stays_in_the_bucket_under_a_live_name(tmp_path):
+    """S3 has no links: the bucket holds a hard-linked file at its primary
+    name. Removing that name makes another name primary (fsstress: `ln a
+    b; rm a` left the object at a and none at b); renaming a secondary
+    name leaves the object alone; renaming the primary moves it."""
+    async def main():
+        e = await Engine(tmp_path).start()
+        wbs = await writebacks(e)
+        d = await e.ns.mkdir(ROOT, b"d", 0o755, 0, 0)
+        f = await e.ns.create(ROOT, b"a", 0o644, 0, 0)
+        await e.data.flush(f, 5, await e.data.write(f, 0, b"hello"))
+        await drain(wbs)
+        assert await bucket(e) == {"a": b"hello", "d/": b""}
+        await e.ns.link(f.id, d.id, b"b")
+        await e.ns.link(f.id, ROOT, b"c")
+        await e.ns.unlink(ROOT, b"a")                  # the primary name goes
+        await drain(wbs)
+        assert await bucket(e) == {"d/b": b"hello", "d/": b""}
+        await e.ns.rename(ROOT, b"c", ROOT, b"c2")    # a secondary name
+        await drain(wbs)
+        assert await bucket(e) == {"d/b": b"hello", "d/": b""}
+        await e.ns.rename(d.id, b"b", ROOT, b"b2")    # the primary one
+        await drain(wbs)
+        assert await bucket(e) == {"b2": b"hello", "d/": b""}
+        node = await e.ns.getattr(f.id)
+        assert (node.nlink, node.parent, node.name, node.links) == (2, ROOT, b"b2",
+                                                                   [[ROOT, b"c2"]])
+        await e.ns.unlink(ROOT, b"b2")
+        await e.ns.unlink(ROOT, b"c2")
+        await drain(wbs)
+        assert await bucket(e) == {"d/": b""}
+        await e.close()
+    run(main())

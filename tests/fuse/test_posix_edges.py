@@ -110,3 +110,23 @@ def test_a_chunk_cut_away_by_truncate_and_written_again_reads_zeros(mount):
     assert len(data) == (10 << 20) + 1 and data[-1:] == b"Z" and not data[(1 << 20):-1].strip(b"\0")
     assert mount.unmount() == 0
     assert mount.keys()["s"] == data
+
+
+def test_hard_links_keep_the_file_in_the_bucket_under_a_live_name(mount):
+    """fsstress found `ln a b; rm a` left the object at a and none at b,
+    and a name re-linked to another file kept its old object."""
+    d = mount.path
+    with open(os.path.join(d, "a"), "w") as f:
+        f.write("hello")
+    os.link(os.path.join(d, "a"), os.path.join(d, "b"))
+    os.unlink(os.path.join(d, "a"))
+    with open(os.path.join(d, "n"), "w") as f:
+        f.write("OLD")
+    with open(os.path.join(d, "m"), "w") as f:
+        f.write("NEW")
+    os.unlink(os.path.join(d, "n"))
+    os.link(os.path.join(d, "m"), os.path.join(d, "n"))
+    assert open(os.path.join(d, "n")).read() == "NEW" and os.stat(os.path.join(d, "m")).st_nlink == 2
+    assert mount.unmount() == 0
+    # One object per file, at a name it still has; never at a removed one.
+    assert mount.keys() == {"b": b"hello", "m": b"NEW"}
