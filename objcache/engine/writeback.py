@@ -392,6 +392,12 @@ class WriteBack:
         ops.insert(0, ["uploaded", n.id, version, [key, etag, size, self.clock()]])
         r = await self.propose(["tx", new_txn_id(), ops])
         if r[0] != "ok":
+            if r[1] == errno.ENOENT and n.id not in self.state.inodes and key:
+                # Deleted while its object was being written: that object
+                # is nobody's now. Tombstone it (deleted only if no live
+                # name claims the key by then: _gate), or it would come
+                # back at the next start from the bucket (fsstress).
+                await self.propose(["tx", new_txn_id(), [["tombstone", key, etag]]])
             raise OSError(r[1], f"recording the upload of inode {n.id}: {r[2]}")
         if n.kind == Kind.FILE:
             await self._mark_chunks_clean(n)

@@ -226,3 +226,30 @@ def test_hard_linked_file_stays_in_the_bucket_under_a_live_name(tmp_path):
         assert await bucket(e) == {"d/": b""}
         await e.close()
     run(main())
+
+
+def test_a_file_deleted_during_its_upload_does_not_stay_in_the_bucket(tmp_path):
+    """fsstress: `rm` landed while write-back was uploading the file; the
+    upload finished, recording it failed (no such inode), and the object
+    stayed — the name came back at the next start from the bucket."""
+    async def main():
+        e = await Engine(tmp_path).start()
+        wbs = await writebacks(e)
+        f = await e.ns.create(ROOT, b"f", 0o644, 0, 0)
+        await e.data.flush(f, 5, await e.data.write(f, 0, b"hello"))
+        put = e.store.put
+
+        async def put_racing_an_unlink(key, body, **kw):
+            etag = await put(key, body, **kw)
+            if key == "f":
+                await e.ns.unlink(ROOT, b"f")        # lands while the PUT completes
+            return etag
+        e.store.put = put_racing_an_unlink
+        for _ in range(3):
+            for wb in wbs:
+                await wb.run_once(force=True)
+        e.store.put = put
+        await drain(wbs)
+        assert await bucket(e) == {}
+        await e.close()
+    run(main())
