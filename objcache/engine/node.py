@@ -41,7 +41,7 @@ from objcache.fsutil import fsync_dir
 from objcache.ipc import socket_path
 from objcache.ipc.server import LocalReadServer
 from objcache.cluster.ring import Ring
-from objcache.meta.model import ROOT, Inode, Kind
+from objcache.meta.model import Inode
 from objcache.meta.namespace import Namespace
 from objcache.meta.reads import serve as serve_read
 from objcache.raft.driver import GroupOptions, RaftGroup

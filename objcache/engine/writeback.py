@@ -46,7 +46,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import stat
 import time
 
 import msgpack

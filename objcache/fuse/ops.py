@@ -76,7 +76,7 @@ class _File:
     (bench/RESULTS.md). Up to ``WRITE_BEHIND_SENDS`` sends run while the
     writer fills the next buffer. Invariants:
     * Sends apply in the order they took their bytes: each waits for the
-      one before it (``tail``, a chain of tasks).
+      one before it (``sends``, oldest first).
     * Every publish (close, fsync, truncate, unmount) and every read of
       the file drains first (``_drain``), so close = durable in the
       cluster still holds and reads see every write made before them.

@@ -15,7 +15,6 @@ Lifetimes:
 from __future__ import annotations
 
 import asyncio
-import errno
 import itertools
 import logging
 import mmap
