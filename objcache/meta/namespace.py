@@ -385,7 +385,11 @@ class Namespace:
         write-back has deleted or moved it."""
         if node.kind == Kind.DIR:
             return ""
-        return node.s3.etag if node.s3 is not None else None
+        # A file not uploaded yet may still get an object at this key: an
+        # upload in flight lands after the rename or unlink (write-back
+        # chose the key before). "" hides whatever is there until a
+        # complete listing no longer sees the name.
+        return node.s3.etag if node.s3 is not None else ""
 
     async def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int, *,
                      kind: Kind = Kind.FILE, target: bytes = b"") -> Inode:

@@ -30,9 +30,10 @@ An *op* is a precondition plus an effect on records this group owns:
                                                `expect` (replace); binds it to child
   ["rmentry", dir, name, expect, departed]     name bound to `expect`; unbinds it;
                                                departed: None, or the ETag of the
-                                               name's bucket object ("" = a
-                                               directory prefix) to keep
-                                               hidden from re-listings
+                                               name's bucket object ("": a
+                                               directory prefix, or a file not
+                                               uploaded yet — any object) to
+                                               keep hidden from re-listings
   ["mkinode", inode_wire, s3_prefix, listed]   id unused; creates it (and, for a
                                                directory, its entries record: a new
                                                directory is `listed` (empty, known);

@@ -263,3 +263,28 @@ def test_relisting_does_not_resurrect_names_write_back_still_owes():
         assert b.size == 5
         await c.close()
     run(main())
+
+
+def test_an_upload_landing_after_its_file_was_renamed_does_not_show_the_old_name():
+    """A file renamed (or removed) before its first upload finished: the
+    upload may land at the old key afterwards (write-back computed the key
+    before the rename). Re-listings must not show the old name — the crash
+    test saw an acknowledged rename with both names listed."""
+    async def main():
+        c, ns, store = await world()
+        ns.list_ttl = 0                                    # re-list on every readdir
+        await ns.create(ROOT, b"f", 0o644, U, G)
+        await ns.create(ROOT, b"g", 0o644, U, G)
+        await ns.rename(ROOT, b"f", ROOT, b"r")
+        await ns.unlink(ROOT, b"g")
+        await store.put("f", b"late upload")               # lands after the rename
+        await store.put("g", b"late upload")               # ... after the unlink
+        for _ in range(2):
+            assert names(await ns.readdir(ROOT)) == [b"r"]
+        await store.delete("f")                            # write-back moved / deleted them
+        await store.delete("g")
+        assert names(await ns.readdir(ROOT)) == [b"r"]
+        await store.put("f", b"somebody else")             # a new object later: shown
+        assert names(await ns.readdir(ROOT)) == [b"f", b"r"]
+        await c.close()
+    run(main())
