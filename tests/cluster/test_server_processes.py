@@ -35,7 +35,11 @@ class Cluster:
             if i:
                 argv += ["--join", f"127.0.0.1:{self.ports[0]}"]
             self.argvs.append(argv)
-            self.procs.append(self._spawn(argv))
+            try:
+                self.procs.append(self._spawn(argv))
+            except BaseException:
+                self.stop()                 # the nodes already started must not outlive the test
+                raise
         self.addrs = ",".join(f"127.0.0.1:{p}" for p in self.ports)
 
     def _spawn(self, argv):
