@@ -168,23 +168,20 @@ def _reads(objcache_mount, memfs_mount, data: bytes, rounds: int) -> dict:
                 finally:
                     m.stop()
 
-            def over_rpc():
-                m = objcache_mount("pod-rpc", local_reads=False)
+            def one_read(m: _Mount, name: str, into: list) -> None:
+                """A fresh mount read once; GB/s appended to ``into``."""
                 try:
-                    dt, n = read_file(os.path.join(m.mountpoint, "big.bin"), buf)
+                    dt, n = read_file(os.path.join(m.mountpoint, name), buf)
                     assert n == size
-                    rpc.append(size / dt / 1e9)
+                    into.append(size / dt / 1e9)
                 finally:
                     m.stop()
 
+            def over_rpc():
+                one_read(objcache_mount("pod-rpc", local_reads=False), "big.bin", rpc)
+
             def theirs():
-                m = memfs_mount()
-                try:
-                    dt, n = read_file(os.path.join(m.mountpoint, "data"), buf)
-                    assert n == size
-                    ceiling.append(size / dt / 1e9)
-                finally:
-                    m.stop()
+                one_read(memfs_mount(), "data", ceiling)
             for side in ((ours, theirs, over_rpc) if r % 2 == 0 else (over_rpc, theirs, ours)):
                 side()
             dt, n = read_file(shm.name, buf)
