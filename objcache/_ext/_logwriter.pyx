@@ -127,6 +127,11 @@ _fallback_logged = set()
 # freed while the kernel might still read them. Expected to stay empty.
 _never_free = []
 
+# io_uring: how often a batch in flight is checked for completions the
+# eventfd did not report (_on_watchdog), and how many were found so.
+_WATCHDOG_SECONDS = 1.0
+_rescued = 0
+
 
 def _forget_fallback_log():
     """Test hook: make the next fallback log its line again."""
@@ -352,6 +357,8 @@ cdef class LogWriter:
     cdef bint _submit_scheduled
     cdef bint _closed            # close() was called: appends refused
     cdef object _close_task
+    cdef object _watchdog        # io_uring: TimerHandle while batches are in flight
+    cdef Py_ssize_t _watch_batch # _n_batches when the watchdog was armed
     cdef object _selfref         # weakref.ref(self), given to loop callbacks
     cdef Py_ssize_t _n_batches
     cdef Py_ssize_t _n_appends
@@ -558,6 +565,7 @@ cdef class LogWriter:
         if self._uring:
             rc = ul_ring_submit(&self._ring, self._fd, &b.cb)
             if rc == 0:
+                self._arm_watchdog()
                 if self._reader_on:
                     return
                 try:
@@ -592,6 +600,34 @@ cdef class LogWriter:
         with nogil:                 # blocks only on the short-write retry path
             err = ul_batch_finish(fd, &b.cb)
         self._complete(b, err, True)
+
+    cdef _arm_watchdog(self):
+        if self._watchdog is None:
+            self._watch_batch = self._n_batches
+            self._watchdog = self._loop.call_later(_WATCHDOG_SECONDS, _watchdog_cb,
+                                                   self._selfref)
+
+    cdef _on_watchdog(self):
+        """Every _WATCHDOG_SECONDS while io_uring batches are in flight: a
+        batch that was already in flight a whole period ago gets its
+        completions reaped without an eventfd wakeup. A lost wakeup would
+        otherwise stall the writer (and its Raft group) forever: one such
+        stall was seen in a debug-build test run under load and never
+        reproduced. A reap that finds nothing costs one eventfd read."""
+        global _rescued
+        cdef _Batch b = self._inflight
+        self._watchdog = None
+        if b is None or not self._uring or not self._ring_open:
+            return
+        if self._n_batches == self._watch_batch:
+            self._on_ready()
+            if self._inflight is not b:
+                _rescued += 1
+                _log.warning("LogWriter %r: a batch completed without an eventfd "
+                             "wakeup (found by the watchdog; %d so far)",
+                             self.path, _rescued)
+        if self._inflight is not None:
+            self._arm_watchdog()
 
     cdef _start_job(self, _Batch b):
         """pwritev backend: run the batch on the worker thread."""
@@ -705,6 +741,9 @@ cdef class LogWriter:
 
     cdef _release(self):
         """Free the OS resources. Nothing may be in flight."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self._reader_on:
             self._stop_reader()
         if self._ring_open:
@@ -755,6 +794,12 @@ def _ready_cb(ref):
     cdef LogWriter w = ref()
     if w is not None:
         w._on_ready()
+
+
+def _watchdog_cb(ref):
+    cdef LogWriter w = ref()
+    if w is not None:
+        w._on_watchdog()
 
 
 def _job_cb(ref):

@@ -636,6 +636,37 @@ def test_no_uring_env_forces_fallback_and_logs_once(c_impl, tmp_path,
     assert "\n" not in lines[0].getMessage()
 
 
+def test_a_lost_eventfd_wakeup_is_reaped_by_the_watchdog(c_impl, tmp_path, monkeypatch,
+                                                         caplog):
+    """io_uring completions normally arrive through the ring's eventfd. If
+    that wakeup were lost (the loop never calls the reader back), the
+    watchdog reaps the batch anyway: the writer is late, never stuck."""
+    mod = c_impl.logwriter
+    monkeypatch.setattr(mod, "_WATCHDOG_SECONDS", 0.05)
+    caplog.set_level(logging.WARNING, logger="objcache._ext.logwriter")
+
+    class DeafLoop(asyncio.SelectorEventLoop):
+        def add_reader(self, fd, callback, *args):
+            pass                                # the eventfd is never watched
+
+    async def main():
+        try:
+            w = mod.LogWriter(tmp_path / "log", backend="io_uring")
+        except OSError as exc:                  # io_uring refused on this machine
+            pytest.skip(f"io_uring unavailable: {exc}")
+        async with w:
+            before = mod._rescued
+            offs = await asyncio.wait_for(asyncio.gather(
+                *(w.append(record(i, 100)) for i in range(3))), 10)
+            assert offs == [0, 100, 200]
+            assert await asyncio.wait_for(w.append(record(3, 100)), 10) == 300
+            assert mod._rescued >= before + 2        # both batches were rescued
+
+    with asyncio.Runner(loop_factory=DeafLoop) as runner:
+        runner.run(main())
+    assert any("without an eventfd wakeup" in r.getMessage() for r in caplog.records)
+
+
 _SECCOMP_CHILD = textwrap.dedent("""
     import asyncio, ctypes, errno, logging, struct, sys
     ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}[sys.argv[2]]
