@@ -14,15 +14,21 @@ its page arena (shared memory, objcache/ipc) instead of over RPC, unless
 """
 from __future__ import annotations
 
+import asyncio
 import errno
+import logging
 import os
 
 import msgpack
 
-from objcache.cluster.ring import Ring
+from objcache.cluster.ring import Ring, StaleRing, ring_version
 from objcache.ipc.client import LocalFirst, LocalReads
 from objcache.meta.model import Inode, ROOT
+from objcache.meta.namespace import ORPHAN_LEASE
 from objcache.rpc import ClientPool, RemoteError, RpcClient, RpcError, Unavailable
+
+
+log = logging.getLogger(__name__)
 
 
 def parse_addresses(text: str) -> list[tuple[str, int]]:
@@ -41,6 +47,19 @@ def _as_oserror(exc: RemoteError) -> Exception:
     if exc.code == "errno":
         return OSError((exc.details or {}).get("errno", errno.EIO), exc.message)
     return exc
+
+
+async def _placed(op, attempts: int = 3):
+    """Run a data operation that places chunks with the ring; when an owner
+    says the ring was stale (the new one is adopted), place them again.
+    Chunks an attempt wrote at the right owners are written again: their
+    newer versions are the ones the flush publishes."""
+    for attempt in range(attempts):
+        try:
+            return await op()
+        except StaleRing:
+            if attempt == attempts - 1:
+                raise
 
 
 class ClusterClient:
@@ -63,8 +82,21 @@ class ClusterClient:
         self._local = None
         if local_reads:
             self._local = LocalReads(secret)
+        # Orphans this client holds (unlinked files a mount has open): their
+        # lease is renewed every third of ``orphan_lease`` seconds while the
+        # client lives; a killed client's expire (Namespace.ORPHAN_LEASE).
+        self.orphan_lease = float(os.environ.get("OBJCACHE_ORPHAN_LEASE", ORPHAN_LEASE))
+        self._orphans: set[int] = set()
+        self._renewer: asyncio.Task | None = None
 
     async def close(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            try:
+                await self._renewer
+            except BaseException:  # noqa: BLE001 - closing
+                pass
+            self._renewer = None
         for c in self._clients:
             await c.close()
         if self._pool is not None:
@@ -80,12 +112,25 @@ class ClusterClient:
 
     async def call(self, method: str, fields: dict | None = None, payload=None,
                    timeout: float | None = None):
+        """``method`` at the first node that answers. Once this client has
+        a ring (its direct data path), requests carry its version; a node
+        with a newer ring refuses ("stale_ring", nothing done): the client
+        adopts the node's map and sends the request again."""
         last = None
         for k in range(len(self._clients)):
             c = self._clients[(self._current + k) % len(self._clients)]
             try:
-                r = await c.call(method, fields or {}, payload,
-                                 timeout=timeout or self.timeout)
+                for attempt in range(3):
+                    f = fields or {}
+                    if self._ring is not None:
+                        f = dict(f, rv=self._ring.version)
+                    try:
+                        r = await c.call(method, f, payload, timeout=timeout or self.timeout)
+                        break
+                    except RemoteError as exc:
+                        if exc.code != "stale_ring" or attempt == 2:
+                            raise
+                        self._adopt((exc.details or {}).get("cluster"))
                 self._current = (self._current + k) % len(self._clients)
                 return r
             except RemoteError as exc:
@@ -140,10 +185,31 @@ class ClusterClient:
         by the caller, kept as orphans if this was their last link
         (``forget`` them at the last close)."""
         r = await self.call("meta.unlink", {"parent": parent, "name": bytes(name),
-                                            "keep": list(keep)})
+                                            "keep": list(keep), "lease": self.orphan_lease})
         return r.fields.get("ino", 0)
 
+    def hold_orphan(self, ino: int) -> None:
+        """This client keeps orphan ``ino`` open: renew its lease until
+        ``forget(ino)`` or ``close()``."""
+        self._orphans.add(ino)
+        if self._renewer is None:
+            self._renewer = asyncio.get_running_loop().create_task(
+                self._renew_orphans(), name="orphan-leases")
+
+    async def _renew_orphans(self) -> None:
+        while True:
+            await asyncio.sleep(self.orphan_lease / 3)
+            if not self._orphans:
+                continue
+            try:
+                await self.call("meta.renew_orphans", {"inos": sorted(self._orphans),
+                                                       "lease": self.orphan_lease})
+            except Exception as exc:  # noqa: BLE001 - two more tries before the lease ends
+                log.warning("renewing the leases of %d unlinked open files failed: %r",
+                            len(self._orphans), exc)
+
     async def forget(self, ino: int) -> None:
+        self._orphans.discard(ino)
         await self.call("meta.forget", {"ino": ino})
 
     async def forget_orphans(self) -> int:
@@ -154,7 +220,8 @@ class ClusterClient:
 
     async def rename(self, sp, sn, dp, dn, *, noreplace=False, keep=()) -> None:
         await self.call("meta.rename", {"sp": sp, "sn": bytes(sn), "dp": dp, "dn": bytes(dn),
-                                        "noreplace": noreplace, "keep": list(keep)})
+                                        "noreplace": noreplace, "keep": list(keep),
+                                        "lease": self.orphan_lease})
 
     async def link(self, ino, parent, name) -> Inode:
         return await self._inode("link", ino=ino, parent=parent, name=bytes(name))
@@ -173,12 +240,22 @@ class ClusterClient:
 
     async def _refresh_map(self) -> None:
         r = await self.call("cluster.map")
-        c = r.fields["cluster"]
-        self._caller.set_map(c)
+        self._adopt(r.fields["cluster"], force=True)
+        return r.fields["chunk_size"]
+
+    def _adopt(self, c: dict | None, force: bool = False) -> None:
+        """Use cluster map ``c`` (from cluster.map, or with a stale_ring
+        answer) if its ring is at least as new as ours."""
+        if not c or (not force and self._ring is not None
+                     and ring_version(c) < self._ring.version):
+            return
+        if self._caller is not None:
+            self._caller.set_map(c)
         if self._local is not None:
             self._local.set_map(c)
-        self._ring = Ring(c["ring"] or [1], version=c.get("version", 0))
-        return r.fields["chunk_size"]
+        if self._ring is None or self._ring.version != ring_version(c) \
+                or list(self._ring.groups) != sorted(c["ring"] or [1]):
+            self._ring = Ring(c["ring"] or [1], version=ring_version(c))
 
     async def _direct(self):
         if self._data is None:
@@ -186,7 +263,10 @@ class ClusterClient:
             from objcache.engine.remote import ChunkProxy, LeaderCaller
             self._pool = ClientPool(self._secret, connect_timeout=5.0, backoff_max=1.0,
                                     max_payload=1 << 30)
-            self._caller = LeaderCaller(self._pool, self._refresh_map)
+            self._caller = LeaderCaller(
+                self._pool, self._refresh_map,
+                ring_version=lambda: self._ring.version if self._ring else None,
+                adopt=self._adopt)
             chunk = await self._refresh_map()
 
             async def service(g):
@@ -207,7 +287,7 @@ class ClusterClient:
         describes it, read from the chunks' owners directly."""
         data = await self._direct()
         try:
-            return await data.read(node, offset, length)
+            return await _placed(lambda: data.read(node, offset, length))
         except RemoteError as exc:
             raise _as_oserror(exc) from None
 
@@ -216,7 +296,7 @@ class ClusterClient:
         group commits it); returns {chunk: version} for ``flush``."""
         direct = await self._direct()
         try:
-            return await direct.write(node, offset, data)
+            return await _placed(lambda: direct.write(node, offset, data))
         except RemoteError as exc:
             raise _as_oserror(exc) from None
 

@@ -7,9 +7,14 @@ the group of the first point at or after that hash (wrapping around):
 * inode metadata and a directory's entries: ``(inode, META)``;
 * chunk ``c`` of inode ``i``: ``(i, c)``.
 
-A ring is immutable and carries the ``version`` of the membership it was
-built from; every keyed RPC carries the sender's version so that a stale
-sender learns to refresh (docs/storage-engine.md).
+A ring is immutable and carries its ``version``: the membership's
+``ring_version``, bumped whenever the set of groups in the ring changes
+(not by other membership changes: nodes joining groups outside the ring,
+new addresses). Every request between cluster processes carries the
+sender's ring version; a receiver with a newer ring answers
+``stale_ring`` with its map, and the sender raises ``StaleRing`` (after
+adopting the map) so that whatever placed keys with the old ring places
+them again (docs/storage-engine.md, "Ring versions").
 
 1024 points per group keep the most loaded group within 1.1x of the mean
 for 3..32 groups (the standard deviation of a group's share is about
@@ -18,12 +23,30 @@ one group moves ~1/N of the keys, all to or from that group.
 """
 from __future__ import annotations
 
+import errno
+
 import numpy as np
 
 from objcache import _ext
 
 POINTS_PER_GROUP = 1024
 META = 2**64 - 1            # the "chunk index" of an inode's metadata key
+
+
+class StaleRing(OSError):
+    """This process placed a key with an older ring than its receiver's;
+    the newer map has been adopted: place the key again and retry (the
+    receiver did nothing). Escapes to a user as EAGAIN."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.EAGAIN, message)
+
+
+def ring_version(cluster: dict) -> int:
+    """The ring version of a membership map (maps recorded before ring
+    versions existed: their membership version, the same on every
+    replica)."""
+    return int(cluster.get("ring_version", cluster.get("version", 0)))
 
 
 class Ring:

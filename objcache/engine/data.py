@@ -106,45 +106,66 @@ class ChunkService:
     async def write(self, inode: int, index: int, offset: int, data, *, epoch_base: int,
                     s3: list | None, s3_size: int) -> int:
         """Write ``data`` at ``offset`` in chunk ``index``; returns the new
-        chunk version once it is committed in the group (durable)."""
+        chunk version once it is committed in the group (durable).
+
+        A partial write needs its base in every replica's cache. The base
+        is shipped in the log (``cbase``, the whole chunk) when it is the
+        bucket's content or a clean local version (write-back stored it,
+        so any replica may have evicted it); the group's state refuses a
+        partial write over a clean version (EAGAIN), which closes the race
+        with a ``cclean`` committed between this check and the write."""
         if not self.group.is_leader:
             raise NotLeader(self.group.leader)
         cs = self.chunk_size
         st = self.machine.state
-        rec = st.chunks.get((inode, index))
-        has_local = rec is not None and rec[0] >= epoch_base
         in_bucket = max(0, min(cs, s3_size - index * cs)) if s3 else 0
-        covers = offset == 0 and len(data) >= in_bucket
-        # Admission: a full disk tier answers this writer ENOSPC (after
-        # waiting for write-back); once proposed, the apply must not fail.
-        await self.machine.cache.wait_for_dirty_room(
-            max(offset + len(data), rec[1] if has_local else 0, in_bucket))
-        cached = self.machine.cache.peek((inode, index)) if has_local and s3 else None
-        if has_local and s3 and (cached is None or cached[0] < rec[0]):
-            # The local version was written back, then evicted (clean): the
-            # apply of this write needs it as its base, so load it again
-            # from the object, which holds it (only clean versions are
-            # evicted). Without this the apply found no base and stopped
-            # the group (fsstress). A follower that evicted it too still
-            # cannot apply: R>1 needs the base shipped (not built).
-            view = await self.machine.cache.read(
-                (inode, index), rec[0],
-                self._loader(s3[0], s3[1], index * cs,
-                             max(0, min(rec[1], s3_size - index * cs))))
+        end = offset + len(data)
+        for _ in range(8):
+            rec = st.chunks.get((inode, index))
+            has_local = rec is not None and rec[0] >= epoch_base
+            # Admission: a full disk tier answers this writer ENOSPC (after
+            # waiting for write-back); once proposed, the apply must not fail.
+            await self.machine.cache.wait_for_dirty_room(
+                max(end, rec[1] if has_local else 0, in_bucket))
+            rec = st.chunks.get((inode, index))     # (the wait may have changed it)
+            has_local = rec is not None and rec[0] >= epoch_base
+            if has_local and rec[2] and not (offset == 0 and len(data) >= rec[1]):
+                base = await self._content(inode, index, rec[0], rec[1], s3, s3_size)
+                r = await self.group.propose(msgpack.packb(
+                    ["cbase", inode, index, base, epoch_base, rec[0]]))
+                _check(r, "cbase")
+            elif not has_local and in_bucket and not (offset == 0 and len(data) >= in_bucket):
+                base = await self._content(inode, index, epoch_base, in_bucket, s3, s3_size)
+                r = await self.group.propose(msgpack.packb(
+                    ["cbase", inode, index, base, epoch_base, None]))
+                _check(r, "cbase")
+            r = await self.group.propose(msgpack.packb(
+                ["cwrite", inode, index, offset, bytes(data), cs, epoch_base]))
+            if r[0] == "err" and r[1] == errno.EAGAIN:
+                continue                            # cleaned meanwhile: re-base
+            return _check(r, "cwrite")[1]
+        raise OSError(errno.EAGAIN, f"chunk {index} of inode {inode}: its base kept "
+                                    f"changing under the write")
+
+    async def _content(self, inode: int, index: int, version: int, length: int,
+                       s3: list | None, s3_size: int) -> bytes:
+        """Chunk ``version``'s bytes: from the cache, or (a clean version,
+        evicted) from the object, which holds it (only clean versions are
+        evicted, and the inode's object holds its clean versions)."""
+        cs = self.chunk_size
+        loader = None
+        if s3:
+            loader = self._loader(s3[0], s3[1], index * cs,
+                                  max(0, min(length, s3_size - index * cs)))
+        try:
+            view = await self.machine.cache.read((inode, index), version, loader)
+        except LookupError:
+            raise OSError(errno.ESTALE, f"chunk {index} v{version} of inode {inode} "
+                                        f"is not here and not in the bucket") from None
+        try:
+            return bytes(view.data)
+        finally:
             view.release()
-        if not has_local and in_bucket and not covers:
-            view = await self.machine.cache.read(
-                (inode, index), epoch_base,
-                self._loader(s3[0], s3[1], index * cs, in_bucket))
-            try:
-                base = bytes(view.data)
-            finally:
-                view.release()
-            r = await self.group.propose(msgpack.packb(["cbase", inode, index, base, epoch_base]))
-            _check(r, "cbase")
-        r = await self.group.propose(msgpack.packb(
-            ["cwrite", inode, index, offset, bytes(data), cs, epoch_base]))
-        return _check(r, "cwrite")[1]
 
 
 def _check(r: list, what: str) -> list:

@@ -70,7 +70,7 @@ class GroupMachine:
                 if base is not None:
                     base.release()
         elif kind == "cbase":
-            _, inode, idx, data, _eb = cmd
+            inode, idx, data = cmd[1], cmd[2], cmd[3]     # (+ eb, and of since re-base)
             if r[3] and not self._have((inode, idx), r[1]):   # a new local base
                 await self.cache.write((inode, idx), r[1], data, dirty=True, admitted=True)
         elif kind == "cclean":

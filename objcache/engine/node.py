@@ -40,9 +40,9 @@ from objcache.cache import ChunkCache
 from objcache.fsutil import fsync_dir
 from objcache.ipc import socket_path
 from objcache.ipc.server import LocalReadServer
-from objcache.cluster.ring import Ring
+from objcache.cluster.ring import Ring, StaleRing, ring_version
 from objcache.meta.model import Inode
-from objcache.meta.namespace import Namespace
+from objcache.meta.namespace import ORPHAN_LEASE, Namespace
 from objcache.meta.reads import serve as serve_read
 from objcache.raft.driver import GroupOptions, RaftGroup
 from objcache.raft.host import RaftHost
@@ -127,8 +127,23 @@ def _chunk_handler(handler):
     return wrapped
 
 
+# Requests addressed to a group by id, not placed by the ring (their target
+# is valid under any ring): the transaction protocol's records after the
+# prepare, membership, inode counters, per-group queries. Everything else
+# sent to a group was placed there by this node's ring.
+UNPLACED_COMMANDS = frozenset({"coord", "decide", "forget", "abort_undecided", "join",
+                               "freeze", "readdress", "reserve"})
+UNPLACED_READS = frozenset({"cluster", "counter", "sources", "orphans", "pending"})
+
+
 class NodeRouter:
-    """GroupRouter over the cluster: propose/read at any group's leader."""
+    """GroupRouter over the cluster: propose/read at any group's leader.
+
+    Remote calls carry this node's ring version ("rv"). A receiver with a
+    newer ring answers ``stale_ring`` with its map: the router adopts it
+    and, for a request the ring placed, raises StaleRing (the caller places
+    the keys again; the Node's handlers retry the whole operation); a
+    request addressed by group id is simply sent again."""
 
     def __init__(self, node: "Node"):
         self.node = node
@@ -138,7 +153,7 @@ class NodeRouter:
         return list(self.node.cluster["groups"].get(g, []))
 
     async def at_leader(self, g: int, method: str, fields: dict, payload=None,
-                         timeout: float = 10.0):
+                         timeout: float = 10.0, placed: bool = True):
         node = self.node
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
@@ -173,8 +188,19 @@ class NodeRouter:
                     if i % len(order) == 0:
                         await asyncio.sleep(0.02)
                     continue
-                answer, hint = await call_member(node.pool, addr, method, fields, payload,
-                                                 max(0.1, end - loop.time()))
+                try:
+                    answer, hint = await call_member(
+                        node.pool, addr, method, dict(fields, rv=node.ring().version),
+                        payload, max(0.1, end - loop.time()))
+                except RemoteError as exc:
+                    if exc.code != "stale_ring":
+                        raise
+                    mine = node.ring().version
+                    node.adopt_cluster((exc.details or {}).get("cluster"))
+                    if placed:
+                        raise StaleRing(f"group {g}: ring v{mine} is stale "
+                                        f"(now v{node.ring().version})") from None
+                    continue
                 if answer is not None:
                     self.leader_hint[g] = target
                     return answer
@@ -189,12 +215,14 @@ class NodeRouter:
     async def propose(self, group: int, command: list, timeout: float | None = 10.0) -> list:
         fields, _ = await self.at_leader(group, "group.propose",
                                           {"g": group, "c": msgpack.packb(command)},
-                                          timeout=timeout or 10.0)
+                                          timeout=timeout or 10.0,
+                                          placed=command[0] not in UNPLACED_COMMANDS)
         return fields["r"]
 
     async def read(self, group: int, request: list, timeout: float | None = 10.0) -> list:
         _, payload = await self.at_leader(group, "group.read", {"g": group, "q": request},
-                                           timeout=timeout or 10.0)
+                                           timeout=timeout or 10.0,
+                                           placed=request[0] not in UNPLACED_READS)
         return msgpack.unpackb(payload, raw=False, strict_map_key=False)
 
     async def service(self, group: int):
@@ -398,12 +426,37 @@ class Node:
                 or self._ring is None:
             # Building a ring (many points per group) costs milliseconds:
             # not once a second for an unchanged map.
-            self._ring = Ring(c["ring"] or [ROOT_GROUP], version=c["version"])
+            self._ring = Ring(c["ring"] or [ROOT_GROUP], version=ring_version(c))
         for nid, addr in c["nodes"].items():
             self.host.set_address(nid, *_addr(addr))
 
+    def adopt_cluster(self, c: dict | None) -> None:
+        """A map a peer sent (with a stale_ring answer): kept if newer."""
+        if c and ring_version(c) >= self._ring.version:
+            self._set_cluster(c)
+
     def ring(self) -> Ring:
         return self._ring
+
+    async def check_ring(self, fields: dict, owner: tuple[int, int] | None = None) -> None:
+        """A request's ring version ("rv") against ours: a newer one makes
+        us refresh first (the membership group has it); an older one is
+        answered ``stale_ring`` with our map, before anything is done.
+        ``owner``: the (inode, chunk) key the request names; it must be
+        this node's group's under the ring both sides agree on."""
+        rv = fields.get("rv")
+        if rv is None:
+            return                                  # an operator tool, a test
+        if rv > self._ring.version:
+            await self.refresh_cluster()
+        if rv < self._ring.version:
+            raise HandlerError("stale_ring", f"ring v{rv} is stale: v{self._ring.version}",
+                               {"cluster": self.cluster})
+        if owner is not None and self._ring.chunk_owner(*owner) != self.group_id:
+            raise HandlerError("stale_ring", f"chunk {owner} is group "
+                                             f"{self._ring.chunk_owner(*owner)}'s, not "
+                                             f"{self.group_id}'s (ring v{rv})",
+                               {"cluster": self.cluster})
 
     async def current_ring(self) -> Ring:
         """The ring as the membership group has it now (a linearizable
@@ -411,7 +464,7 @@ class Node:
         r = await self.router.read(ROOT_GROUP, ["cluster"], timeout=5)
         if r[0] != "ok":
             raise OSError(r[1], f"cluster map: {r[2]}")
-        return Ring(r[1]["ring"] or [ROOT_GROUP], version=r[1].get("version", 0))
+        return Ring(r[1]["ring"] or [ROOT_GROUP], version=ring_version(r[1]))
 
     async def refresh_cluster(self) -> None:
         try:
@@ -441,21 +494,49 @@ class Node:
         h.update({"group.propose": self._h_propose, "group.read": self._h_read,
                   "chunk.read": _chunk_handler(self._h_chunk_read),
                   "chunk.write": _chunk_handler(self._h_chunk_write),
-                  "cluster.join": self._h_join, "cluster.map": self._h_map,
-                  "cluster.status": self._h_status, "cluster.drain": self._h_drain,
-                  "cluster.node_status": self._h_node_status,
+                  "cluster.drain": self._h_drain,
                   "cluster.flush_group": self._h_flush_group,
                   "group.add_member": self._h_add_member})
         for name in ("getattr", "lookup", "readdir", "readdir_plus", "create", "mkdir", "symlink", "unlink",
                      "rmdir", "rename", "link", "setattr", "open", "forget",
-                     "forget_orphans"):
+                     "forget_orphans", "renew_orphans"):
             h["meta." + name] = self._meta_handler(name)
-        h.update({"data.read": _errno(self._h_data_read),
-                  "data.write": _errno(self._h_data_write),
-                  "data.flush": _errno(self._h_data_flush),
-                  "data.fsync": _errno(self._h_data_fsync)})
+        h.update({"data.read": _errno(self._retry_stale(self._h_data_read)),
+                  "data.write": _errno(self._retry_stale(self._h_data_write)),
+                  "data.flush": _errno(self._retry_stale(self._h_data_flush)),
+                  "data.fsync": _errno(self._retry_stale(self._h_data_fsync))})
+        h = {name: self._ring_checked(fn) for name, fn in h.items()}
+        # Not ring-versioned: membership and maps (how a stale sender gets
+        # a new ring), status, and Raft's own messages (terms order them).
+        h.update({"cluster.join": self._h_join, "cluster.map": self._h_map,
+                  "cluster.status": self._h_status,
+                  "cluster.node_status": self._h_node_status})
         h.update(self.host.handlers())
         return h
+
+    def _ring_checked(self, handler):
+        """Answer ``stale_ring`` to a sender with an older ring, before the
+        handler runs (check_ring)."""
+        async def wrapped(ctx, fields, payload):
+            if "rv" in fields:
+                await self.check_ring(fields)
+            return await handler(ctx, fields, payload)
+        return wrapped
+
+    def _retry_stale(self, handler, attempts: int = 3):
+        """A client operation this node coordinates: when a group tells us
+        our ring was stale (we adopted the new one), run it again — the
+        refused request changed nothing, and the operation places its keys
+        anew."""
+        async def wrapped(ctx, fields, payload):
+            for attempt in range(attempts):
+                try:
+                    return await handler(ctx, fields, payload)
+                except StaleRing:
+                    if attempt == attempts - 1:
+                        raise
+                    log.info("ring changed under a client operation; retrying")
+        return wrapped
 
     def _local_group(self, g: int):
         if g != self.group_id or not getattr(self, "group", None):
@@ -517,6 +598,7 @@ class Node:
 
     async def _h_chunk_read(self, ctx, fields, payload):
         self._local_group(fields["g"])
+        await self.check_ring(fields, (fields["i"], fields["x"]))
         view = await self.chunks.read(fields["i"], fields["x"], fields["v"], s3=fields["s3"],
                                       from_bucket=fields["b"], size=fields["n"],
                                       ahead=fields.get("a"), base=fields.get("base", -1))
@@ -531,13 +613,16 @@ class Node:
         return {}, data
 
     async def _local_read(self, g: int, inode: int, index: int, version: int, **kw):
-        """A chunk read for a local reader (objcache/ipc/server.py)."""
-        if g != self.group_id:
+        """A chunk read for a local reader (objcache/ipc/server.py). A chunk
+        this group does not own under our ring (the reader's ring is stale)
+        sends the reader to RPC, where ``stale_ring`` tells it so."""
+        if g != self.group_id or self._ring.chunk_owner(inode, index) != g:
             raise NotLeader(0)
         return await self.chunks.read(inode, index, version, **kw)
 
     async def _h_chunk_write(self, ctx, fields, payload):
         self._local_group(fields["g"])
+        await self.check_ring(fields, (fields["i"], fields["x"]))
         v = await self.chunks.write(fields["i"], fields["x"], fields["o"], payload or b"",
                                     epoch_base=fields["e"], s3=fields["s3"], s3_size=fields["n"])
         return {"v": v}
@@ -577,7 +662,8 @@ class Node:
                 nodes.append(r.fields)
             except (RpcError, OSError) as exc:
                 nodes.append({"node": nid, "address": addr, "error": repr(exc)})
-        return {"ring_version": self.cluster["version"], "ring": self.cluster["ring"],
+        return {"ring_version": self._ring.version, "membership_version": self.cluster["version"],
+                "ring": self.cluster["ring"],
                 "groups": self.cluster["groups"], "nodes": nodes}
 
     async def _h_drain(self, ctx, fields, payload):
@@ -608,7 +694,7 @@ class Node:
         async def handler(ctx, fields, payload):
             await self.ensure_root()
             return await self._meta(name, fields)
-        return _errno(handler)
+        return _errno(self._retry_stale(handler))
 
     async def _meta(self, name, f):
         ns = self.ns
@@ -636,19 +722,24 @@ class Node:
                                                bytes(f["target"]), f["uid"], f["gid"])).to_wire()}
         if name == "unlink":
             return {"ino": await ns.unlink(f["parent"], bytes(f["name"]),
-                                           keep=frozenset(f.get("keep") or ()))}
+                                           keep=frozenset(f.get("keep") or ()),
+                                           lease=float(f.get("lease") or ORPHAN_LEASE))}
         if name == "forget":
             await ns.forget(f["ino"])
             return {}
         if name == "forget_orphans":
             return {"n": await ns.forget_orphans()}
+        if name == "renew_orphans":
+            await ns.renew_orphans(f["inos"], float(f.get("lease") or ORPHAN_LEASE))
+            return {}
         if name == "rmdir":
             await ns.rmdir(f["parent"], bytes(f["name"]))
             return {}
         if name == "rename":
             await ns.rename(f["sp"], bytes(f["sn"]), f["dp"], bytes(f["dn"]),
                             noreplace=bool(f.get("noreplace")),
-                            keep=frozenset(f.get("keep") or ()))
+                            keep=frozenset(f.get("keep") or ()),
+                            lease=float(f.get("lease") or ORPHAN_LEASE))
             return {}
         if name == "link":
             return {"inode": (await ns.link(f["ino"], f["parent"], bytes(f["name"]))).to_wire()}

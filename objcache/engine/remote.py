@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import errno
 
+from objcache.cluster.ring import StaleRing
 from objcache.rpc import ClientPool, RemoteError, RpcError
 
 
@@ -35,11 +36,18 @@ async def call_member(pool: ClientPool, address: str, method: str, fields: dict,
 class LeaderCaller:
     """``at_leader`` over a cluster map (node id -> "host:port", group ->
     member ids) for a process outside the cluster. ``refresh`` is awaited
-    when a group's members can't be reached (the map may be stale)."""
+    when a group's members can't be reached (the map may be stale).
 
-    def __init__(self, pool: ClientPool, refresh):
+    Calls carry the ring version ``ring_version()``; a ``stale_ring``
+    answer hands its map to ``adopt`` and raises StaleRing (the caller
+    placed keys with the old ring: place them again)."""
+
+    def __init__(self, pool: ClientPool, refresh, ring_version=lambda: None,
+                 adopt=lambda cluster: None):
         self.pool = pool
         self.refresh = refresh
+        self.ring_version = ring_version
+        self.adopt = adopt
         self.nodes: dict[int, str] = {}
         self.groups: dict[int, list[int]] = {}
         self.leader_hint: dict[int, int] = {}
@@ -53,6 +61,9 @@ class LeaderCaller:
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
         tries = 0
+        rv = self.ring_version()
+        if rv is not None:
+            fields = dict(fields, rv=rv)
         while True:
             members = self.groups.get(g, [])
             order = ([self.leader_hint[g]] if g in self.leader_hint else []) + members
@@ -60,8 +71,18 @@ class LeaderCaller:
                 addr = self.nodes.get(target)
                 if addr is None:
                     continue
-                answer, hint = await call_member(self.pool, addr, method, fields, payload,
-                                                 max(0.1, end - loop.time()))
+                try:
+                    answer, hint = await call_member(self.pool, addr, method, fields, payload,
+                                                     max(0.1, end - loop.time()))
+                except RemoteError as exc:
+                    if exc.code != "stale_ring":
+                        raise
+                    cluster = (exc.details or {}).get("cluster")
+                    if cluster:
+                        self.adopt(cluster)
+                    else:
+                        await self.refresh()
+                    raise StaleRing(f"group {g}: ring v{rv} is stale") from None
                 if answer is not None:
                     self.leader_hint[g] = target
                     return answer

@@ -198,6 +198,7 @@ class WriteBack:
         if not self.group.is_leader:
             return 0
         if only is None:
+            await self.expire_orphans()
             await self.collect_chunks_of_deleted_inodes()
         await self._refresh_remote_prefixes()
         now = self.clock()
@@ -234,6 +235,27 @@ class WriteBack:
             self._settled_memo = {}                 # relocations moved subdirectories
             done += await self._delete_tombstones()
         done += sum(await asyncio.gather(*(one(n) for n in todo)))
+        return done
+
+    async def expire_orphans(self) -> int:
+        """Forget this group's orphans whose lease ended: their holder (a
+        mount that had them open) stopped renewing — it was killed, or lost
+        the cluster for a whole lease. Each ``forget`` names the lease end
+        it saw, so a renewal committed meanwhile wins. Returns how many."""
+        st = self.state
+        now = self.clock()
+        expired = [(i, until) for i, until in st.orphan_leases.items() if until < now]
+        done = 0
+        for ino, until in expired:
+            try:
+                r = await self.propose(["tx", new_txn_id(), [["forget", ino, until]]])
+            except Exception as exc:  # noqa: BLE001 - the next pass tries again
+                log.info("forgetting expired orphan %d failed: %r", ino, exc)
+                continue
+            if r[0] == "ok" and ino not in st.inodes:
+                log.info("forgot orphan %d: its holder's lease ended %.0f s ago",
+                         ino, now - until)
+                done += 1
         return done
 
     async def collect_chunks_of_deleted_inodes(self) -> int:

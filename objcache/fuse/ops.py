@@ -261,6 +261,7 @@ class ObjcacheOperations(pyfuse3.Operations):
         f = self._files.get(ino)
         if f is not None and f.opens > 0 and (await self.client.getattr(ino)).nlink <= 0:
             f.orphan = True
+            self.client.hold_orphan(ino)            # its lease is renewed while we live
 
     @_errno
     async def unlink(self, parent_inode, name, ctx):

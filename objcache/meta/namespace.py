@@ -40,6 +40,11 @@ ALL = object()          # _shadowed: every name under the prefix
 DEFAULT_FILE_MODE = 0o644
 DEFAULT_DIR_MODE = 0o755
 READDIR_LOOKUPS = 64    # readdir_plus: lookups of bucket-only names in flight
+# Seconds an orphan (an unlinked file a mount holds open) lives without a
+# renewal from its holder. The holder renews every third of it (client/
+# cluster.py); a killed holder's orphans are forgotten this long after its
+# last renewal (engine/writeback.py expires them).
+ORPHAN_LEASE = 300.0
 
 
 def _ns(t: float) -> int:
@@ -428,7 +433,8 @@ class Namespace:
         await self._run(parts, coordinator=pg)
         return node
 
-    async def unlink(self, parent: int, name: bytes, *, keep=()) -> int:
+    async def unlink(self, parent: int, name: bytes, *, keep=(),
+                     lease: float = ORPHAN_LEASE) -> int:
         """Remove the name; returns the inode it was bound to. A file in
         ``keep`` (inodes a mount holds open) whose last link goes becomes an
         orphan (state.py "nlink") until ``forget``."""
@@ -443,7 +449,7 @@ class Namespace:
         parts = {pg: [["rmentry", parent, bytes(name), child, self._departed(found)],
                       ["setattr", parent, {"mtime_ns": now, "ctime_ns": now}]]}
         parts.setdefault(self._group(child), []).append(
-            _unlink_op(child, now, keep, [parent, bytes(name)]))
+            _unlink_op(child, now, keep, [parent, bytes(name)], self.clock() + lease))
         await self._run(parts, coordinator=pg)
         return child
 
@@ -451,6 +457,17 @@ class Namespace:
         """Delete an orphan (a mount closed the last open of an unlinked
         file); nothing for a file that still has a name."""
         await self._run({self._group(ino): [["forget", ino]]})
+
+    async def renew_orphans(self, inodes, lease: float = ORPHAN_LEASE) -> None:
+        """The holder of these orphans is alive: their leases end no
+        earlier than ``lease`` seconds from now (one entry per group;
+        inodes that are no orphans any more are left alone)."""
+        until = self.clock() + lease
+        parts: dict[int, list] = {}
+        for ino in inodes:
+            parts.setdefault(self._group(ino), []).append(["lease", ino, until])
+        for g, ops in parts.items():
+            await self._run({g: ops})
 
     async def forget_orphans(self) -> int:
         """Delete every orphan (a mount's start: no open survives its
@@ -500,7 +517,8 @@ class Namespace:
         return await self.getattr(ino)
 
     async def rename(self, sp: int, sn: bytes, dp: int, dn: bytes, *,
-                     noreplace: bool = False, exchange: bool = False, keep=()) -> None:
+                     noreplace: bool = False, exchange: bool = False, keep=(),
+                     lease: float = ORPHAN_LEASE) -> None:
         sn, dn = bytes(sn), bytes(dn)
         nm.check_new_name(dn)
         if exchange:
@@ -544,7 +562,8 @@ class Namespace:
                 await self._ensure_listed(target)
                 add(self._group(target), ["rmdir", target])
             else:
-                add(self._group(target), _unlink_op(target, now, keep, [dp, dn]))
+                add(self._group(target), _unlink_op(target, now, keep, [dp, dn],
+                                                    self.clock() + lease))
         if dpg != spg or dp != sp:
             add(dpg, ["setattr", dp, {"mtime_ns": now, "ctime_ns": now}])
         add(self._group(child), ["relink", child, [sp, sn], [dp, dn], now])
@@ -587,11 +606,11 @@ def _int_meta(md: dict, name: str, default):
         return default
 
 
-def _unlink_op(ino: int, now: int, keep, link: list) -> list:
+def _unlink_op(ino: int, now: int, keep, link: list, lease_until: float) -> list:
     """The nlink op removing the name ``link`` ([dir, name]) of ``ino``;
     ``keep``: inodes a mount holds open (kept as orphans when their last
-    link goes)."""
-    return ["nlink", ino, -1, now, ino in keep, link]
+    link goes, until ``lease_until`` unless renewed)."""
+    return ["nlink", ino, -1, now, float(lease_until) if ino in keep else False, link]
 
 
 def _check_key_length(prefix: str, name: bytes, *, directory: bool = False) -> None:

@@ -13,14 +13,19 @@ replica. Entries (msgpack arrays):
                                            (lazy entries); start: applied index
                                            read before the bucket was listed
   ["reserve", n]                           reserve n inode counters (returns the range)
-  ["cwrite", ino, idx, off, data, size, eb]  a write into an owned chunk (new version)
-  ["cbase", ino, idx, data, eb]            the bucket's chunk content as a local base
+  ["cwrite", ino, idx, off, data, size, eb]  a write into an owned chunk (new version);
+                                           EAGAIN if it is partial and its base
+                                           version is clean (re-base first)
+  ["cbase", ino, idx, data, eb, of]        a chunk's whole content as a dirty local
+                                           base: the bucket's (of: None; no local
+                                           version) or clean version `of`'s (re-base)
   ["cdrop", ino, from_idx, floor]          forget local chunk versions >= from_idx;
                                            floor: later versions of the inode's
                                            chunks stay above the dropped ones
                                            (truncate), else forget the inode
                                            (a deleted file)
-  ["cclean", ino, idx, version]            that version is in the bucket now
+  ["cclean", ino, idx, version]            that version is in the bucket now (the
+                                           cache may evict it from then on)
   ["join", address, replicas] / ["freeze"] cluster membership (root group only)
   ["readdress", node, address]             a node restarted on another address
 
@@ -45,15 +50,22 @@ An *op* is a precondition plus an effect on records this group owns:
                                                added or removed (a file's names:
                                                Inode.links); a file whose count
                                                reaches 0 is deleted, unless `keep`
-                                               (optional; a mount holds it open):
+                                               (optional; a mount holds it open:
+                                               the lease's end, unix seconds):
                                                then it becomes an ORPHAN — nlink
                                                0, no name, parent 0, never written
                                                back, its bucket object kept (and
                                                protected as a pending source)
                                                until ["forget", id]
-  ["forget", id]                               deletes an orphan (its object is
+  ["lease", id, until]                         an orphan's lease now ends no
+                                               earlier than `until` (its holder
+                                               is alive); nothing for others
+  ["forget", id, expired]                      deletes an orphan (its object is
                                                tombstoned then); nothing for a
-                                               linked or absent inode
+                                               linked or absent inode, or (with
+                                               `expired`, the lease end the
+                                               expirer saw) for an orphan whose
+                                               lease was renewed meanwhile
   ["rmdir", id]                                directory exists, listed, empty;
                                                deletes it
   ["isdir_empty", id]                          precondition only
@@ -93,6 +105,8 @@ from __future__ import annotations
 import errno
 
 import msgpack
+
+from objcache.cluster.ring import ring_version
 
 from .model import Directory, Entry, Inode, Kind, S3State
 
@@ -140,7 +154,7 @@ def op_keys(op: list) -> list[tuple]:
     if kind == "mkinode":
         return [_key_inode(op[1][0])]
     if kind in ("setattr", "nlink", "rmdir", "isdir_empty", "flush", "uploaded",
-                "dirmoved", "setprefix", "reload", "forget", "relink"):
+                "dirmoved", "setprefix", "reload", "forget", "relink", "lease"):
         return [_key_inode(op[1])]
     if kind in ("alloc", "tombstone", "untomb"):
         return []
@@ -164,13 +178,24 @@ class GroupState:
         # key -> the ETag seen ("" = whatever is there).
         self.tombstones: dict[str, str] = {}
         # Chunks this group owns that have local versions (written through
-        # objcache): (inode, index) -> [version, length]. Version 0 — no
-        # record — means "the bucket's content at the inode's ETag".
-        self.chunks: dict[tuple[int, int], list[int]] = {}
+        # objcache): (inode, index) -> [version, length, clean]. Version 0 —
+        # no record — means "the bucket's content at the inode's ETag".
+        # ``clean``: cclean'd, so any replica's cache may have evicted it;
+        # a partial cwrite needs its base in every replica's cache, so it
+        # is refused over a clean version (the leader re-bases with cbase,
+        # which ships the whole content): every replica decides alike, in
+        # log order, whatever its cache evicted meanwhile.
+        self.chunks: dict[tuple[int, int], list] = {}
         # inode -> highest chunk version dropped by a truncate (cdrop with
         # floor): new versions of its chunks start above it, so that a
         # version number never names two contents (readers cache by it).
         self.chunk_floors: dict[int, int] = {}
+        # Orphan -> the end of its holder's lease (unix seconds, the
+        # proposer's clock): a mount renews the orphans it holds open; the
+        # group's leader forgets those whose lease ended (a killed mount's).
+        # Every orphan has an entry (those recorded before leases: 0.0,
+        # expired).
+        self.orphan_leases: dict[int, float] = {}
         # Cluster membership (kept by the root group, group 1): node id ->
         # address, group id -> member node ids, the groups in the ring, and
         # the ring version (bumped by every change).
@@ -217,8 +242,9 @@ class GroupState:
             "prepared": list(self.prepared.items()),
             "decisions": list(self.decisions.items()),
             "tombstones": list(self.tombstones.items()),
-            "chunks": [[i, c, v, n] for (i, c), (v, n) in self.chunks.items()],
+            "chunks": [[i, c, *rec] for (i, c), rec in self.chunks.items()],
             "chunk_floors": list(self.chunk_floors.items()),
+            "orphan_leases": list(self.orphan_leases.items()),
             "cluster": self.cluster,
             "applied": self.applied_index,
         })
@@ -240,8 +266,15 @@ class GroupState:
         self.prepared = {bytes(t): p for t, p in s["prepared"]}
         self.decisions = {bytes(t): d for t, d in s["decisions"]}
         self.tombstones = dict(s["tombstones"])
-        self.chunks = {(i, c): [v, n] for i, c, v, n in s["chunks"]}
+        # Older snapshots have no clean flag: their versions count as dirty
+        # (their caches held them dirty or pinned until a cclean replays).
+        self.chunks = {(r[0], r[1]): [r[2], r[3], bool(r[4]) if len(r) > 4 else False]
+                       for r in s["chunks"]}
         self.chunk_floors = dict(s.get("chunk_floors", ()))
+        self.orphan_leases = dict(s.get("orphan_leases", ()))
+        for i, n in self.inodes.items():            # orphans from before leases
+            if n.nlink <= 0 and n.kind != Kind.DIR:
+                self.orphan_leases.setdefault(i, 0.0)
         self.cluster = s["cluster"]
         self.cluster["nodes"] = {int(k): v for k, v in self.cluster["nodes"].items()}
         self.cluster["groups"] = {int(k): v for k, v in self.cluster["groups"].items()}
@@ -345,31 +378,48 @@ class GroupState:
         local one (or after ``epoch_base``, the inode's "bucket content"
         version, for a chunk never written here); returns [version, base
         version (0: none), new length]. A partial write over bucket content
-        needs a local base: the leader ships it first with cbase."""
+        needs a local base: the leader ships it first with cbase. So does a
+        partial write over a clean local version (EAGAIN: re-base)."""
         cur = self.chunks.get((inode, index))
         if cur is not None and cur[0] < epoch_base:
             cur = None                              # an older epoch: stale
-        base_v, base_len = cur if cur else (0, 0)
-        prev = base_v or max(epoch_base, self.chunk_floors.get(inode, 0))
         if offset < 0 or offset + len(data) > chunk_size:
             raise OpError(errno.EINVAL, "write outside the chunk")
+        if cur is not None and cur[2] and not (offset == 0 and len(data) >= cur[1]):
+            raise OpError(errno.EAGAIN, f"chunk {index} v{cur[0]} is clean: re-base it")
+        base_v, base_len = (cur[0], cur[1]) if cur else (0, 0)
+        prev = base_v or max(epoch_base, self.chunk_floors.get(inode, 0))
         length = max(base_len, offset + len(data))
-        self.chunks[(inode, index)] = [prev + 1, length]
-        return ok(prev + 1, base_v, length)
+        self.chunks[(inode, index)] = [prev + 1, length, False]
+        # A write covering a clean version needs no base (its apply must
+        # not look for one: the cache may have evicted it).
+        return ok(prev + 1, base_v if cur is None or not cur[2] else 0, length)
 
-    def _cmd_cbase(self, inode, index, data, epoch_base) -> Result:
-        """The bucket's content of a chunk, shipped once so that later
-        partial writes have a local base. Returns [version, length]."""
+    def _cmd_cbase(self, inode, index, data, epoch_base, of=None) -> Result:
+        """A chunk's whole content as a dirty local base, shipped in the
+        entry so that later partial writes find it on every replica: the
+        bucket's content (``of`` None: no local version yet) or clean local
+        version ``of``'s (re-base: ``data`` is its content; caches may have
+        evicted it). Returns [version, length, new]; not new: the local
+        state is not what the leader saw (a dirty base exists, or another
+        version came meanwhile) and the entry is a no-op — the cwrite that
+        follows answers EAGAIN if it still lacks a base."""
         cur = self.chunks.get((inode, index))
         if cur is not None and cur[0] >= epoch_base:
-            return ok(cur[0], cur[1], False)        # a local base exists already
-        v = max(epoch_base, self.chunk_floors.get(inode, 0)) + 1
-        self.chunks[(inode, index)] = [v, len(data)]
+            if not cur[2] or cur[0] != of:
+                return ok(cur[0], cur[1], False)
+            v = cur[0] + 1
+        else:
+            v = max(epoch_base, self.chunk_floors.get(inode, 0)) + 1
+        self.chunks[(inode, index)] = [v, len(data), False]
         return ok(v, len(data), True)
 
     def _cmd_cclean(self, inode, index, version) -> Result:
         """Write-back stored chunk ``version`` in the bucket: the node may
         evict it (the bucket can give it back)."""
+        cur = self.chunks.get((inode, index))
+        if cur is not None and cur[0] == version:
+            cur[2] = True
         return ok()
 
     def _cmd_cdrop(self, inode, from_index, floor=False) -> Result:
@@ -415,6 +465,7 @@ class GroupState:
             g = newest + 1
             c["groups"][g] = [nid]
         if len(c["groups"][g]) == replicas and g not in c["ring"] and not c["frozen"]:
+            c["ring_version"] = ring_version(c) + 1
             c["ring"].append(g)
         c["version"] += 1
         return ok(nid, g, c["groups"][g], c["version"])
@@ -529,7 +580,7 @@ class GroupState:
                     e = self.dirs[d].entries.get(bytes(name)) if d in self.dirs else None
                     if e is None or e.kind == Kind(k):
                         raise OpError(errno.EEXIST, f"{bytes(name)!r} exists")
-            elif kind in ("alloc", "tombstone", "untomb", "forget"):
+            elif kind in ("alloc", "tombstone", "untomb", "forget", "lease"):
                 pass
             else:
                 raise OpError(errno.EINVAL, f"unknown op {kind!r}")
@@ -626,6 +677,8 @@ class GroupState:
                 self._track_link(ino, op[2], [op[5][0], bytes(op[5][1])])
             if ino.nlink <= 0 and ino.kind != Kind.DIR and len(op) > 4 and op[4]:
                 ino.nlink, ino.parent, ino.name = 0, 0, b""     # an orphan
+                # keep: the lease's end (a float); True (older records): none.
+                self.orphan_leases[op[1]] = op[4] if isinstance(op[4], float) else 0.0
                 return 0
             if ino.nlink <= 0 and ino.kind != Kind.DIR:
                 del self.inodes[op[1]]
@@ -647,10 +700,20 @@ class GroupState:
             return None
         if kind == "forget":
             ino = self.inodes.get(op[1])
-            if ino is not None and ino.nlink <= 0 and ino.kind != Kind.DIR:
+            if len(op) > 2 and op[2] is not None \
+                    and self.orphan_leases.get(op[1], 0.0) > op[2]:
+                return None                         # renewed since the expirer looked
+            if ino is None:
+                self.orphan_leases.pop(op[1], None)
+            elif ino.nlink <= 0 and ino.kind != Kind.DIR:
                 del self.inodes[op[1]]
+                self.orphan_leases.pop(op[1], None)
                 if ino.s3 is not None:
                     self.tombstones[ino.s3.key] = ino.s3.etag
+            return None
+        if kind == "lease":
+            if op[1] in self.orphan_leases and op[2] > self.orphan_leases[op[1]]:
+                self.orphan_leases[op[1]] = float(op[2])
             return None
         if kind == "rmdir":
             self.inodes.pop(op[1], None)

@@ -23,6 +23,8 @@ from typing import Protocol
 
 import msgpack
 
+from objcache.cluster.ring import StaleRing
+
 log = logging.getLogger(__name__)
 
 PREPARE_TIMEOUT = 10.0          # seconds an undecided prepare may hold its locks
@@ -104,10 +106,15 @@ class Coordinator:
         deadline = self.clock() + self.prepare_timeout
         groups = sorted(parts)
 
+        stale: list[StaleRing] = []
+
         async def prepare(g):
             try:
                 return await self.router.propose(
                     g, ["prep", txn, coordinator, parts[g], deadline], self.call_timeout)
+            except StaleRing as exc:                # placed by an old ring: abort, re-place
+                stale.append(exc)
+                return ["err", errno.EAGAIN, f"prepare in group {g}: {exc}"]
             except Exception as exc:  # noqa: BLE001 - unreachable = a no vote
                 return ["err", errno.EIO, f"prepare in group {g}: {exc!r}"]
 
@@ -129,6 +136,8 @@ class Coordinator:
             return results
         self.stats["aborted"] += 1
         await self._forget(coordinator, txn)
+        if stale:
+            raise stale[0]                          # the locks are released: re-place
         if not commit:
             failed = next(v for v in votes if v[0] != "ok")
             raise TransactionFailed(failed[1], failed[2])

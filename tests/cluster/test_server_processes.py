@@ -23,23 +23,31 @@ class Cluster:
                  prefix="pre", cache="64MiB"):
         self.procs = []
         self.argvs = []
-        self.ports = [free_port() for _ in range(n)]
+        self.ports = []
+        self.tmp_path, self.s3_server, self.bucket_url = tmp_path, s3, f"s3://{bucket}/{prefix}"
+        self.chunk, self.replicas, self.cache = chunk, replicas, cache
         self.env = dict(os.environ, OBJCACHE_SECRET=SECRET, AWS_ACCESS_KEY_ID=s3.access_key,
                         AWS_SECRET_ACCESS_KEY=s3.secret_key, AWS_DEFAULT_REGION="us-east-1")
-        for i, port in enumerate(self.ports):
-            argv = [sys.executable, "-m", "objcache", "server", "--data-dir",
-                    str(tmp_path / f"node{i}"), "--listen", f"127.0.0.1:{port}",
-                    "--bucket", f"s3://{bucket}/{prefix}", "--endpoint-url", s3.endpoint_url,
-                    "--cache-size", cache, "--chunk-size", chunk, "--writeback-delay", "0.2",
-                    "--replicas", str(replicas)]
-            if i:
-                argv += ["--join", f"127.0.0.1:{self.ports[0]}"]
-            self.argvs.append(argv)
-            try:
-                self.procs.append(self._spawn(argv))
-            except BaseException:
-                self.stop()                 # the nodes already started must not outlive the test
-                raise
+        for _ in range(n):
+            self.add_node()
+
+    def add_node(self):
+        """Start one more node (the first bootstraps, the others join it)."""
+        i, port = len(self.ports), free_port()
+        argv = [sys.executable, "-m", "objcache", "server", "--data-dir",
+                str(self.tmp_path / f"node{i}"), "--listen", f"127.0.0.1:{port}",
+                "--bucket", self.bucket_url, "--endpoint-url", self.s3_server.endpoint_url,
+                "--cache-size", self.cache, "--chunk-size", self.chunk,
+                "--writeback-delay", "0.2", "--replicas", str(self.replicas)]
+        if i:
+            argv += ["--join", f"127.0.0.1:{self.ports[0]}"]
+        try:
+            self.procs.append(self._spawn(argv))
+        except BaseException:
+            self.stop()                     # the nodes already started must not outlive the test
+            raise
+        self.ports.append(port)
+        self.argvs.append(argv)
         self.addrs = ",".join(f"127.0.0.1:{p}" for p in self.ports)
 
     def _spawn(self, argv):
@@ -188,6 +196,49 @@ def test_local_zero_copy_reads_match_rpc_reads(cluster):
     stats = [n["local_reads"] for n in nodes]
     assert sum(s["pins"] for s in stats) >= 6           # every chunk came from an arena
     assert all(s["pinned"] == 0 for s in stats)         # the first client is gone
+
+
+def test_clients_with_a_stale_ring_are_told_to_refresh(tmp_path, moto_bucket):
+    """Two clients fetch the ring while the cluster has one group; two more
+    groups join before the first namespace operation fixes the ring. Their
+    requests carry ring v1: the owners refuse them (stale_ring, with the
+    new map), the clients adopt it and place the chunks again — a write
+    lands at the true owners and a read (local arenas first) finds it."""
+    s3, bucket = moto_bucket
+    cl = Cluster(tmp_path, s3, bucket, n=1)
+    payload = os.urandom(6 * (1 << 20) + 11)
+    try:
+        async def main():
+            a = ClusterClient(cl.addrs, SECRET.encode())
+            b = ClusterClient(cl.addrs, SECRET.encode())
+            try:
+                await a.chunk_size()
+                await b.chunk_size()
+                assert a._ring.version == b._ring.version == 1
+                cl.add_node()
+                cl.add_node()
+                f = await a.create(ROOT, b"stale.bin")
+                f = await a.flush(f, len(payload), await a.write(f, 0, payload))
+                assert a._ring.version == 3 and a._ring.groups == (1, 2, 3)
+                st = await a.status()
+                assert st["ring_version"] == 3 and st["ring"] == [1, 2, 3]
+                got = bytes(await b.read(await b.getattr(f.id), 0, len(payload)))
+                assert b._ring.version == 3
+                # Every chunk version is at its owner under the new ring.
+                async with ClusterClient(cl.addrs, SECRET.encode(), local_reads=False) as c:
+                    fresh = bytes(await c.read(await c.getattr(f.id), 0, len(payload)))
+                    await c.drain()
+                return got, fresh
+            finally:
+                await a.close()
+                await b.close()
+
+        got, fresh = asyncio.run(asyncio.wait_for(main(), 120))
+        assert got == fresh == payload
+        body = s3.client().get_object(Bucket=bucket, Key="pre/stale.bin")["Body"].read()
+        assert body == payload
+    finally:
+        cl.stop()
 
 
 def test_listing_larger_than_a_message_header(cluster):

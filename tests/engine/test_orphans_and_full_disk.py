@@ -150,3 +150,55 @@ def test_chunks_of_a_file_deleted_before_write_back_are_collected(tmp_path):
         assert gone.id not in {i for wb in wbs for i, _ in wb.state.chunks}
         await e.close()
     run(main())
+
+
+def test_orphans_of_a_holder_that_stopped_renewing_expire(tmp_path):
+    """A mount killed while holding unlinked files open never forgets
+    them: each orphan carries its holder's lease, renewals push it out,
+    and the group's write-back pass forgets the orphans whose lease ended
+    (their chunks are then collected like any deleted file's)."""
+    import time
+
+    from objcache.meta.state import GroupState
+    from objcache.txn.coordinator import new_txn_id
+
+    async def main():
+        e = await Engine(tmp_path).start()
+        a = await _write_file(e, b"a", os.urandom(100))
+        b = await _write_file(e, b"b", os.urandom(100))
+        await e.ns.unlink(ROOT, b"a", keep={a.id}, lease=100)
+        await e.ns.unlink(ROOT, b"b", keep={b.id}, lease=100)
+        t0 = time.time()
+
+        async def expire(at):
+            n = 0
+            for g in e.cluster.group_ids:
+                leader = await e.cluster.leader(g)
+                wb = WriteBack(leader, e.store, e.data, e.cluster, chunk_size=CHUNK,
+                               delay=3600, namespace=e.ns, clock=lambda: at)
+                n += await wb.expire_orphans()
+            return n
+
+        assert await expire(t0 + 50) == 0               # both leases still run
+        await e.ns.renew_orphans([b.id], lease=1000)    # b's holder is alive
+        assert await expire(t0 + 200) == 1
+        with pytest.raises(OSError) as exc:
+            await e.ns.getattr(a.id)
+        assert exc.value.errno == errno.ENOENT
+        assert (await e.ns.getattr(b.id)).nlink == 0    # still an orphan
+        # An expirer that saw b's old lease end loses against the renewal.
+        g = e.ring.meta_owner(b.id)
+        await e.cluster.propose(g, ["tx", new_txn_id(), [["forget", b.id, t0 + 100]]])
+        assert (await e.ns.getattr(b.id)).nlink == 0
+        state = e.cluster.state(g)
+        assert state.orphan_leases[b.id] >= t0 + 1000
+        # Leases survive a snapshot; orphans from before leases expire.
+        copy = GroupState(g)
+        copy.restore(state.snapshot())
+        assert copy.orphan_leases == state.orphan_leases
+        assert await expire(t0 + 2000) == 1
+        with pytest.raises(OSError):
+            await e.ns.getattr(b.id)
+        assert not any(e.cluster.state(g).orphan_leases for g in e.cluster.group_ids)
+        await e.close()
+    run(main())

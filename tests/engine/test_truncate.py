@@ -82,3 +82,34 @@ def test_a_write_into_a_chunk_cut_away_by_truncate_reads_zeros_around_it(tmp_pat
             assert bytes(await e.store.get(node.s3.key)) == got    # the bucket too
         await e.close()
     run(main())
+
+
+def test_partial_write_after_every_replica_evicted_the_clean_version(tmp_path):
+    """R=3: write-back made the chunk clean and every replica's cache
+    dropped it; a partial write must reach every replica with the whole
+    chunk (the leader re-bases it from the bucket), so any of them can
+    serve it after a leader change."""
+    async def main():
+        e = await Engine(tmp_path, groups=1, replicas=3).start()
+        data = os.urandom(CHUNK)
+        node = await _uploaded_file(e, data)
+        for cache in e.caches.values():
+            cache.discard((node.id, 0))
+        v = await e.data.write(node, 10, b"xyz")
+        await e.data.flush(node, CHUNK, v)
+        want = data[:10] + b"xyz" + data[13:]
+        node = await e.ns.getattr(node.id)
+        for rg in e.cluster.groups[1].values():     # every replica applied it
+            await _wait_applied(rg, e.cluster.groups[1])
+            view = await rg.sm.cache.read((node.id, 0), v[0], None)
+            assert bytes(view.data) == want, rg.node_id
+            view.release()
+        assert await e.data.read(node, 0, CHUNK) == want
+        await e.close()
+    run(main())
+
+
+async def _wait_applied(rg, replicas):
+    target = max(r.core.log.committed for r in replicas.values())
+    while rg.core.log.applied < target:
+        await asyncio.sleep(0.01)

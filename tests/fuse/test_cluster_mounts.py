@@ -1,6 +1,8 @@
 """Two `objcache mount --cluster` processes ("pods") on different nodes of a
 3-node cluster: close-to-open consistency across them, and a file closed on
 one mount is whole and current on the other."""
+import asyncio
+import errno
 import os
 import signal
 import subprocess
@@ -8,14 +10,15 @@ import sys
 
 import pytest
 
+from objcache.client.cluster import ClusterClient
 from tests.cluster.test_server_processes import SECRET, Cluster
 
 
 class ClientMount:
-    def __init__(self, cluster, address, mnt):
+    def __init__(self, cluster, address, mnt, **env_vars):
         mnt.mkdir()
         self.path = str(mnt)
-        env = dict(cluster.env, OBJCACHE_SECRET=SECRET)
+        env = dict(cluster.env, OBJCACHE_SECRET=SECRET, **env_vars)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "objcache", "mount", f"s3://{cluster.bucket}/pre", self.path,
              "-f", "--cluster", address], env=env, stdout=subprocess.PIPE,
@@ -81,3 +84,64 @@ def test_close_to_open_across_mounts_on_different_nodes(pods):
     body = cluster.s3.client().get_object(Bucket=cluster.bucket,
                                           Key="pre/models/m1/renamed.bin")["Body"].read()
     assert body == payload
+
+
+def test_a_killed_mounts_unlinked_open_files_are_forgotten(tmp_path, moto_bucket):
+    """Unlinked files held open are orphans, kept for their holder. A mount
+    killed with kill -9 never forgets its own: their lease (1.5 s here)
+    ends and the cluster forgets them, while a live mount's orphan, whose
+    lease ended just as long ago, stays — it was renewed."""
+    s3, bucket = moto_bucket
+    cluster = Cluster(tmp_path, s3, bucket)
+    cluster.s3, cluster.bucket = s3, bucket
+    addrs = cluster.addrs.split(",")
+    mounts = []
+    held = []
+    try:
+        live = ClientMount(cluster, addrs[0], tmp_path / "live", OBJCACHE_ORPHAN_LEASE="1.5")
+        mounts.append(live)
+        doomed = ClientMount(cluster, addrs[1], tmp_path / "doomed",
+                             OBJCACHE_ORPHAN_LEASE="1.5")
+        mounts.append(doomed)
+        inos = {}
+        for m, name in ((live, "kept.bin"), (doomed, "lost.bin")):
+            path = os.path.join(m.path, name)
+            with open(path, "wb") as f:
+                f.write(name.encode() * 1000)
+            fd = os.open(path, os.O_RDONLY)
+            held.append(fd)
+            inos[name] = os.fstat(fd).st_ino
+            os.unlink(path)                             # an orphan, held by m
+        doomed.proc.send_signal(signal.SIGKILL)
+        doomed.proc.wait()
+        fd = held.pop()                                 # the dead mount's descriptor:
+        with pytest.raises(OSError) as exc:             # closed, but the flush finds
+            os.close(fd)                                # no daemon
+        assert exc.value.errno == errno.ENOTCONN
+
+        async def wait_forgotten():
+            async with ClusterClient(cluster.addrs, SECRET.encode()) as c:
+                assert (await c.getattr(inos["lost.bin"])).nlink == 0
+                loop = asyncio.get_running_loop()
+                end = loop.time() + 30
+                while True:
+                    try:
+                        await c.getattr(inos["lost.bin"])
+                    except OSError as exc:
+                        assert exc.errno == errno.ENOENT
+                        break
+                    assert loop.time() < end, "the killed mount's orphan was never forgotten"
+                    await asyncio.sleep(0.2)
+                return await c.getattr(inos["kept.bin"])
+
+        kept = asyncio.run(asyncio.wait_for(wait_forgotten(), 60))
+        assert kept.nlink == 0                          # still an orphan: renewed
+        assert os.pread(held[0], 8, 0) == b"kept.bin"   # and readable through its holder
+        os.close(held.pop())
+        assert live.unmount() == 0
+    finally:
+        for fd in held:
+            os.close(fd)
+        for m in mounts:
+            m.unmount()
+        cluster.stop()

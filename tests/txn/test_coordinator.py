@@ -175,3 +175,36 @@ def test_coordinator_group_leader_change_keeps_the_decision():
         assert 70 in c.state(3).inodes
         await c.close()
     run(main())
+
+
+def test_a_prepare_refused_for_a_stale_ring_aborts_and_releases_the_locks():
+    """A participant answers stale_ring (the sender placed the ops with an
+    older ring; the router has adopted the new one): the transaction is
+    aborted everywhere — no participant keeps a lock until the resolver's
+    timeout — and StaleRing reaches the caller, who places the ops again."""
+    from objcache.cluster.ring import StaleRing
+
+    class StaleOnce:
+        def __init__(self, inner):
+            self.inner, self.refused = inner, 0
+
+        async def propose(self, group, command, timeout=None):
+            if command[0] == "prep" and group == 3 and not self.refused:
+                self.refused += 1
+                raise StaleRing("group 3: ring v1 is stale")
+            return await self.inner.propose(group, command, timeout)
+
+    async def main():
+        c, _ = await setup()
+        co = Coordinator(StaleOnce(c), prepare_timeout=30)
+        with pytest.raises(StaleRing):
+            await co.run({1: [["mkentry", ROOT, b"s", 32, 2, None]],
+                          3: [["mkinode", dir_wire(32, "s/"), "s/", True]]})
+        assert not c.state(1).locks and not c.state(1).prepared
+        assert b"s" not in c.state(1).dirs[ROOT].entries
+        # Placed again (here: the same places), it commits at once.
+        await co.run({1: [["mkentry", ROOT, b"s", 32, 2, None]],
+                      3: [["mkinode", dir_wire(32, "s/"), "s/", True]]})
+        assert c.state(1).dirs[ROOT].entries[b"s"].child == 32
+        await c.close()
+    run(main())
