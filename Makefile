@@ -34,21 +34,33 @@ dev: deps
 debug: deps
 	OBJCACHE_DEBUG=1 OBJCACHE_DEV=1 $(VPY) setup.py -q build_ext --inplace --force
 
+# Test layers by how they run: in this process (extensions, cache, Raft,
+# RPC, state machines, engine harness: the debug build's live-object
+# counters are asserted after each of their tests) or through real
+# processes (S3 servers, `objcache server`, FUSE mounts, the demo: the
+# counters cannot see inside those, and the -O0 build only slows them).
+# Every directory under tests/ is in exactly one of the two.
+TEST_DIRS         := $(filter-out tests/__pycache__,$(patsubst %/,%,$(wildcard tests/*/)))
+IN_PROCESS_TESTS  := tests/ext tests/cache tests/ipc tests/raft tests/rpc tests/meta \
+                     tests/txn tests/engine
+PROCESS_TESTS     := $(filter-out $(IN_PROCESS_TESTS),$(TEST_DIRS)) $(wildcard tests/test_*.py)
+
 # The test command (README):
-# 1. the whole suite on a strict debug build (warnings are errors; every test
-#    asserts the live-object counters return to zero); compiled extensions
-#    are required and the parity tests run each behaviour on both
-#    implementations;
-#    then 300 seeded schedules of the Raft simulator (thousands on demand:
-#    `python -m objcache.raft.sim --seeds 5000`);
+# 1. the in-process layers on a strict debug build (warnings are errors;
+#    every test asserts the live-object counters return to zero); compiled
+#    extensions are required and the parity tests run each behaviour on
+#    both implementations; then 300 seeded schedules of the Raft simulator
+#    (thousands on demand: `python -m objcache.raft.sim --seeds 5000`);
 # 2. the extension tests again with the twins forced (the selector path);
-# 3. a release build, and the micro-benchmarks once as a smoke run (ratios
-#    printed, not asserted: `make bench` asserts them).
+# 3. a release build: the process-level layers (real S3 servers, server
+#    processes, FUSE mounts, the demo), then the micro-benchmarks once as a
+#    smoke run (ratios printed, not asserted: `make bench` asserts them).
 test: debug
-	OBJCACHE_REQUIRE_EXT=1 $(PYTEST) tests
+	OBJCACHE_REQUIRE_EXT=1 $(PYTEST) $(IN_PROCESS_TESTS)
 	$(VPY) -m objcache.raft.sim --seeds 300 --seed-start 100000
 	OBJCACHE_REQUIRE_EXT=0 OBJCACHE_NO_EXT=1 $(PYTEST) -q tests/ext
 	$(MAKE) build
+	OBJCACHE_REQUIRE_EXT=1 $(PYTEST) $(PROCESS_TESTS)
 	OBJCACHE_REQUIRE_EXT=1 OBJCACHE_BENCH_STRICT=0 $(PYTEST) -q -s bench/micro
 
 # Benchmarks with their acceptance ratios asserted (see bench/RESULTS.md).
