@@ -238,7 +238,7 @@ class ClusterClient:
 
     # data -----------------------------------------------------------------
 
-    async def _refresh_map(self) -> None:
+    async def _refresh_map(self) -> int:
         r = await self.call("cluster.map")
         self._adopt(r.fields["cluster"], force=True)
         return r.fields["chunk_size"]

@@ -13,6 +13,8 @@ import pytest
 from objcache.client.cluster import ClusterClient
 from tests.cluster.test_server_processes import SECRET, Cluster
 
+from .conftest import lazy_unmount
+
 
 class ClientMount:
     def __init__(self, cluster, address, mnt, **env_vars):
@@ -33,8 +35,7 @@ class ClientMount:
         try:
             return self.proc.wait(60)
         finally:
-            if os.path.ismount(self.path):
-                subprocess.run(["fusermount3", "-u", "-z", self.path])
+            lazy_unmount(self.path)
 
 
 @pytest.fixture
