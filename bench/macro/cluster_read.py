@@ -96,7 +96,7 @@ class _BufferFile(io.RawIOBase):
 class Servers:
     """``nodes`` objcache server processes on loopback."""
 
-    def __init__(self, base: str, rgw, nodes: int, chunk: int, cache: int):
+    def __init__(self, base: str, rgw, nodes: int, chunk: int, cache: int, replicas: int = 1):
         self.procs = []
         ports = [free_port() for _ in range(nodes)]
         env = dict(os.environ, OBJCACHE_SECRET=SECRET, AWS_ACCESS_KEY_ID=rgw.access_key,
@@ -107,7 +107,8 @@ class Servers:
                         "--data-dir", os.path.join(base, f"node{i}"),
                         "--listen", f"127.0.0.1:{port}", "--bucket", f"s3://{BUCKET}",
                         "--endpoint-url", rgw.endpoint_url, "--cache-size", str(cache),
-                        "--chunk-size", str(chunk), "--writeback-delay", "1"]
+                        "--chunk-size", str(chunk), "--writeback-delay", "1",
+                        "--replicas", str(replicas)]
                 if i:
                     argv += ["--join", f"127.0.0.1:{ports[0]}"]
                 p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
