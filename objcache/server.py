@@ -80,7 +80,9 @@ def run_admin(args) -> int:
                 if args.json:
                     print(json.dumps(st, default=str))
                 else:
-                    print(f"ring version {st['ring_version']}, groups in the ring: {st['ring']}")
+                    print(f"ring version {st['ring_version']} (membership version "
+                          f"{st.get('membership_version', '?')}), groups in the ring: "
+                          f"{st['ring']}")
                     for n in st["nodes"]:
                         if "error" in n:
                             print(f"  node {n['node']} {n['address']}: unreachable ({n['error']})")
