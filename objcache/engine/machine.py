@@ -12,6 +12,15 @@ version replaces the older ones on disk — is a no-op (``_have``).
 Apply order is the log order on every replica; an effect that fails (the
 disk died) raises, which stops the replica (driver: fatal), because its
 records would otherwise claim data it does not have.
+
+Reconciliation after a restart (``reconcile``): the cache's removals are
+not durable when they return, so a crash can bring back a dirty version
+that a ``cdrop`` (or a superseding write) had removed. Dirty versions are
+never evicted, so such a file would hold disk budget forever. Once the
+replica has applied its whole log as it was at start (every version it
+ever cached came from an entry in that log, so nothing applied later can
+claim an older file), a dirty version of a chunk with no record is
+discarded.
 """
 from __future__ import annotations
 
@@ -44,6 +53,19 @@ class GroupMachine:
         self.state.restore(data)
 
     # effects ------------------------------------------------------------
+
+    def unreferenced_dirty(self) -> list[tuple[tuple[int, int], int]]:
+        """Dirty cached versions of chunks the records do not have (only
+        meaningful once the log as it was at start is applied)."""
+        return [(key, version) for key, version, _length in self.cache.dirty_chunks()
+                if key not in self.state.chunks]
+
+    def reconcile(self) -> int:
+        """Discard the dirty versions no record references; returns how many."""
+        stale = self.unreferenced_dirty()
+        for key, _version in stale:
+            self.cache.discard(key)
+        return len(stale)
 
     def _have(self, key, version: int) -> bool:
         """The cache holds ``version`` of ``key`` or a newer one (replay)."""

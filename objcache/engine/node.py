@@ -314,6 +314,7 @@ class Node:
         if ident.get("cluster"):
             self._set_cluster(ident["cluster"])
         await self.group.start()
+        last_at_start = self.group.core.log.last_index()
         if not first:
             await self._become_member()
         if ident.get("bootstrap") and self.group_id == ROOT_GROUP:
@@ -349,7 +350,9 @@ class Node:
             if r[0] != "ok":
                 raise RuntimeError(f"recording this node's new address failed: {r}")
             await self.refresh_cluster()
-        self._tasks = [asyncio.create_task(self._refresh_loop(), name="cluster-refresh"),
+        self._tasks = [asyncio.create_task(self._reconcile_cache(last_at_start),
+                                           name="cache-reconcile"),
+                       asyncio.create_task(self._refresh_loop(), name="cluster-refresh"),
                        asyncio.create_task(self.writeback.run(), name="write-back"),
                        asyncio.create_task(self.resolver.run(lambda: self.group.is_leader),
                                            name="txn-resolver")]
@@ -372,6 +375,25 @@ class Node:
         await self.storage.close()
         await self.cache.close()
         await self.store.close()
+
+    async def _reconcile_cache(self, last_at_start: int, timeout: float = 300.0) -> None:
+        """Once this replica has applied its log as it was at start, drop
+        dirty cache files a crash brought back (GroupMachine.reconcile).
+        If the log's tail at start was never committed (a new leader
+        replaced it) and nothing else commits, applied may stay short of
+        it: then nothing is reconciled this run (logged)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while self.group.applied < last_at_start:
+            if loop.time() > end:
+                log.info("cache reconciliation skipped: applied %d of the %d entries "
+                         "logged at start", self.group.applied, last_at_start)
+                return
+            await asyncio.sleep(0.05)
+        n = self.machine.reconcile()
+        if n:
+            log.warning("discarded %d dirty cache versions no chunk record references "
+                        "(removals a crash undid)", n)
 
     async def _become_member(self, timeout: float = 120.0) -> None:
         """Until this replica is a voter of its group: ask the leader."""

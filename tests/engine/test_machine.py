@@ -96,3 +96,26 @@ def test_a_partial_write_over_a_clean_version_is_refused_on_every_replica(tmp_pa
         assert m2.state.chunks[(7, 0)] == [4, len(full), False]
         await cache.close()
     asyncio.run(main())
+
+
+def test_reconcile_discards_dirty_versions_no_record_references(tmp_path):
+    """A crash can undo the cache's removals: a dropped chunk's dirty file
+    comes back at the next start and, never evictable, would hold disk
+    budget forever. Reconciliation discards exactly those."""
+    async def main():
+        cache = ChunkCache(str(tmp_path / "c"), memory_bytes=4 * CHUNK,
+                           disk_bytes=16 * CHUNK, chunk_size=CHUNK)
+        await cache.open()
+        m = GroupMachine(1, cache, CHUNK)
+        for i, cmd in enumerate([["cwrite", 7, 0, 0, b"a" * 100, CHUNK, 0],
+                                 ["cwrite", 8, 0, 0, b"b" * 100, CHUNK, 0]]):
+            r = m.apply(Entry(1, i + 1, data=msgpack.packb(cmd)))
+            assert (await r if asyncio.iscoroutine(r) else r)[0] == "ok"
+        # A file the records forgot (its cdrop's removal did not survive).
+        await cache.write((9, 3), 4, b"leftover", dirty=True, admitted=True)
+        assert m.unreferenced_dirty() == [((9, 3), 4)]
+        assert m.reconcile() == 1
+        assert [k for k, _, _ in cache.dirty_chunks()] == [(7, 0), (8, 0)]
+        assert m.reconcile() == 0
+        await cache.close()
+    asyncio.run(main())
