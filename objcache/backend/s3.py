@@ -48,6 +48,7 @@ import io
 import logging
 import random
 import threading
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable, Iterable
 
@@ -229,6 +230,20 @@ def _body(data: Any, views: list[memoryview]) -> Any:
             views[0].nbytes == len(views[0].obj):
         return views[0].obj
     return _BufferListReader(views)
+
+
+def _clear_frames(exc: BaseException) -> None:
+    """Drop the locals of finished frames in ``exc``'s tracebacks, its
+    context's and cause's too (a view of a caller's buffer in any of them
+    keeps that buffer exported)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        for linked in (exc.__cause__,):
+            if linked is not None:
+                _clear_frames(linked)
+        exc = exc.__context__
 
 
 class S3Store(ObjectStore):
@@ -450,9 +465,24 @@ class S3Store(ObjectStore):
         if length == 0:
             return 0 if dst is not None else b""
         cancel = threading.Event()
-        n, buf = await self._run(self._read, full, start, length, dst, if_match,
-                                 cancel, on_cancel=cancel.set)
-        return n if dst is not None else bytes(buf[:n])
+        try:
+            n, buf = await self._run(self._read, full, start, length, dst, if_match,
+                                     cancel, on_cancel=cancel.set)
+        except BaseException as exc:
+            # The worker's frames in the traceback hold slices of ``dst``:
+            # the caller's buffer (a cache page) would stay exported until
+            # the exception is garbage-collected.
+            _clear_frames(exc)
+            dst = None
+            raise
+        if dst is None:
+            return bytes(buf[:n])
+        # No view of the caller's buffer outlives the call: the worker's
+        # result (n, dst) sits in its concurrent future until that is
+        # collected, and a cache page with an export stays pinned.
+        del buf
+        dst.release()
+        return n
 
     async def get(self, key: str) -> bytes:
         full = full_key(self.prefix, key)

@@ -236,3 +236,29 @@ def test_fault_rules():
     assert FaultPlan([Fault("internal")]).take("ListObjectsV2", None) is not None
     with pytest.raises(ValueError):
         Fault("explode")
+
+
+def test_get_range_leaves_no_view_of_the_callers_buffer(backend):
+    """The destination is usually a cache page, which stays pinned while
+    any view of it lives: after get_range returns — or fails — the caller's
+    buffer has no exports left (a bytearray can be resized at once)."""
+    data = os.urandom(100_000)
+
+    async def body():
+        async with backend.faulty(FaultPlan([])) as store:
+            await store.put("k", data)
+            buf = bytearray(len(data))
+            assert await store.get_range("k", 0, len(data), buf) == len(data)
+            buf.append(0)                           # BufferError if a view survived
+            del buf[-1]
+            with pytest.raises(PreconditionFailed):
+                await store.get_range("k", 0, len(data), buf,
+                                      if_match=hashlib.md5(b"other").hexdigest())
+            buf.append(0)
+            del buf[-1]
+            store.plan = FaultPlan([Fault("reset", op="GetObject", times=None,
+                                          after_bytes=1000)])
+            with pytest.raises(TransientError):
+                await store.get_range("k", 0, len(data), buf)
+            buf.append(0)
+    run(body)
