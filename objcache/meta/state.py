@@ -267,7 +267,8 @@ class GroupState:
         self.decisions = {bytes(t): d for t, d in s["decisions"]}
         self.tombstones = dict(s["tombstones"])
         # Older snapshots have no clean flag: their versions count as dirty
-        # (their caches held them dirty or pinned until a cclean replays).
+        # until their next cclean (one written back before the upgrade and
+        # evicted by a follower is the old gap, until then).
         self.chunks = {(r[0], r[1]): [r[2], r[3], bool(r[4]) if len(r) > 4 else False]
                        for r in s["chunks"]}
         self.chunk_floors = dict(s.get("chunk_floors", ()))
