@@ -233,17 +233,17 @@ def _body(data: Any, views: list[memoryview]) -> Any:
 
 
 def _clear_frames(exc: BaseException) -> None:
-    """Drop the locals of finished frames in ``exc``'s tracebacks, its
-    context's and cause's too (a view of a caller's buffer in any of them
-    keeps that buffer exported)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        traceback.clear_frames(exc.__traceback__)
-        for linked in (exc.__cause__,):
-            if linked is not None:
-                _clear_frames(linked)
-        exc = exc.__context__
+    """Drop the locals of finished frames in the tracebacks of ``exc`` and
+    of every exception it links to (cause, context): a view of a caller's
+    buffer in any of them keeps that buffer exported."""
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)
+        todo += (e.__cause__, e.__context__)
 
 
 class S3Store(ObjectStore):

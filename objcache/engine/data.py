@@ -29,6 +29,7 @@ import msgpack
 
 from objcache.backend.base import PreconditionFailed
 from objcache.meta.model import Inode
+from objcache.meta.state import covers
 from objcache.raft.types import NotLeader
 from objcache.txn.coordinator import new_txn_id
 
@@ -129,12 +130,12 @@ class ChunkService:
                 max(end, rec[1] if has_local else 0, in_bucket))
             rec = st.chunks.get((inode, index))     # (the wait may have changed it)
             has_local = rec is not None and rec[0] >= epoch_base
-            if has_local and rec[2] and not (offset == 0 and len(data) >= rec[1]):
+            if has_local and rec[2] and not covers(offset, len(data), rec[1]):
                 base = await self._content(inode, index, rec[0], rec[1], s3, s3_size)
                 r = await self.group.propose(msgpack.packb(
                     ["cbase", inode, index, base, epoch_base, rec[0]]))
                 _check(r, "cbase")
-            elif not has_local and in_bucket and not (offset == 0 and len(data) >= in_bucket):
+            elif not has_local and in_bucket and not covers(offset, len(data), in_bucket):
                 base = await self._content(inode, index, epoch_base, in_bucket, s3, s3_size)
                 r = await self.group.propose(msgpack.packb(
                     ["cbase", inode, index, base, epoch_base, None]))

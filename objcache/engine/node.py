@@ -514,8 +514,6 @@ class Node:
     def _handlers(self) -> dict:
         h = {}
         h.update({"group.propose": self._h_propose, "group.read": self._h_read,
-                  "chunk.read": _chunk_handler(self._h_chunk_read),
-                  "chunk.write": _chunk_handler(self._h_chunk_write),
                   "cluster.drain": self._h_drain,
                   "cluster.flush_group": self._h_flush_group,
                   "group.add_member": self._h_add_member})
@@ -528,6 +526,10 @@ class Node:
                   "data.flush": _errno(self._retry_stale(self._h_data_flush)),
                   "data.fsync": _errno(self._retry_stale(self._h_data_fsync))})
         h = {name: self._ring_checked(fn) for name, fn in h.items()}
+        # The data path checks the ring itself, with the chunk it names
+        # (check_ring's owner), once per request.
+        h.update({"chunk.read": _chunk_handler(self._h_chunk_read),
+                  "chunk.write": _chunk_handler(self._h_chunk_write)})
         # Not ring-versioned: membership and maps (how a stale sender gets
         # a new ring), status, and Raft's own messages (terms order them).
         h.update({"cluster.join": self._h_join, "cluster.map": self._h_map,

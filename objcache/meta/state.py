@@ -113,6 +113,14 @@ from .model import Directory, Entry, Inode, Kind, S3State
 Result = list     # ["ok", ...] | ["err", errno, message]
 
 
+def covers(offset: int, size: int, length: int) -> bool:
+    """A write of ``size`` bytes at ``offset`` replaces all ``length``
+    bytes of a chunk's base (it needs no base). The state's refusal of a
+    partial write over a clean version and the leader's decision to
+    re-base first (ChunkService.write) use this one rule."""
+    return offset == 0 and size >= length
+
+
 def ok(*values) -> Result:
     return ["ok", *values]
 
@@ -386,7 +394,7 @@ class GroupState:
             cur = None                              # an older epoch: stale
         if offset < 0 or offset + len(data) > chunk_size:
             raise OpError(errno.EINVAL, "write outside the chunk")
-        if cur is not None and cur[2] and not (offset == 0 and len(data) >= cur[1]):
+        if cur is not None and cur[2] and not covers(offset, len(data), cur[1]):
             raise OpError(errno.EAGAIN, f"chunk {index} v{cur[0]} is clean: re-base it")
         base_v, base_len = (cur[0], cur[1]) if cur else (0, 0)
         prev = base_v or max(epoch_base, self.chunk_floors.get(inode, 0))

@@ -2,6 +2,8 @@
 import asyncio
 import os
 
+import pytest
+
 from objcache.meta.model import ROOT
 
 from .harness import CHUNK, Engine
@@ -32,23 +34,6 @@ def test_truncate_down_then_up_over_an_uploaded_object_reads_zeros(tmp_path):
         node = await e.ns.getattr(node.id)
         got = await e.data.read(node, 0, 3 * CHUNK)
         assert got[:100] == data[:100] and got[100:] == bytes(3 * CHUNK - 100)
-        await e.close()
-    run(main())
-
-
-def test_partial_write_after_the_clean_local_version_was_evicted(tmp_path):
-    async def main():
-        e = await Engine(tmp_path).start()
-        data = os.urandom(CHUNK)
-        node = await _uploaded_file(e, data)
-        # The chunk's local version is clean now: drop it from the owner's
-        # cache as an eviction would.
-        for cache in e.caches.values():
-            cache.discard((node.id, 0))
-        v = await e.data.write(node, 10, b"xyz")
-        await e.data.flush(node, CHUNK, v)
-        node = await e.ns.getattr(node.id)
-        assert await e.data.read(node, 0, CHUNK) == data[:10] + b"xyz" + data[13:]
         await e.close()
     run(main())
 
@@ -84,13 +69,15 @@ def test_a_write_into_a_chunk_cut_away_by_truncate_reads_zeros_around_it(tmp_pat
     run(main())
 
 
-def test_partial_write_after_every_replica_evicted_the_clean_version(tmp_path):
-    """R=3: write-back made the chunk clean and every replica's cache
-    dropped it; a partial write must reach every replica with the whole
-    chunk (the leader re-bases it from the bucket), so any of them can
-    serve it after a leader change."""
+@pytest.mark.parametrize("groups,replicas", [(3, 1), (1, 3)])
+def test_partial_write_after_every_replica_evicted_the_clean_version(tmp_path, groups,
+                                                                      replicas):
+    """Write-back made the chunk clean and every replica's cache dropped it
+    (as an eviction would); a partial write must reach every replica with
+    the whole chunk (the leader re-bases it from the bucket), so any of
+    them can serve it after a leader change."""
     async def main():
-        e = await Engine(tmp_path, groups=1, replicas=3).start()
+        e = await Engine(tmp_path, groups=groups, replicas=replicas).start()
         data = os.urandom(CHUNK)
         node = await _uploaded_file(e, data)
         for cache in e.caches.values():
@@ -99,8 +86,9 @@ def test_partial_write_after_every_replica_evicted_the_clean_version(tmp_path):
         await e.data.flush(node, CHUNK, v)
         want = data[:10] + b"xyz" + data[13:]
         node = await e.ns.getattr(node.id)
-        for rg in e.cluster.groups[1].values():     # every replica applied it
-            await _wait_applied(rg, e.cluster.groups[1])
+        owners = e.cluster.groups[e.ring.chunk_owner(node.id, 0)]
+        for rg in owners.values():                  # every replica applied it
+            await _wait_applied(rg, owners)
             view = await rg.sm.cache.read((node.id, 0), v[0], None)
             assert bytes(view.data) == want, rg.node_id
             view.release()
