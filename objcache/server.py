@@ -33,6 +33,10 @@ def _hostport(text: str) -> tuple[str, int]:
 def run_server(args) -> int:
     from objcache.engine.node import Node, NodeConfig
     from objcache.rpc import RpcError, load_secret
+    if args.metrics_listen is not None:
+        print("objcache server: --metrics-listen: metrics are not built in this version; "
+              "start the server without it", file=sys.stderr)
+        return 2
     try:
         bucket, prefix = parse_bucket(args.bucket)
         cfg = NodeConfig(args.data_dir, _hostport(args.listen), bucket, prefix,

@@ -22,6 +22,7 @@ import os
 import msgpack
 
 from objcache.cluster.ring import Ring, StaleRing, ring_version
+from objcache.client.location import ClusterRoot
 from objcache.ipc.client import LocalFirst, LocalReads
 from objcache.meta.model import Inode, ROOT
 from objcache.meta.namespace import ORPHAN_LEASE
@@ -278,6 +279,11 @@ class ClusterClient:
                 return proxy
             self._data = DataClient(service, lambda: self._ring, None, chunk)
         return self._data
+
+    async def root(self) -> ClusterRoot:
+        """The bucket and prefix the cluster serves (its root directory)."""
+        r = await self.call("cluster.map")
+        return ClusterRoot(r.fields["bucket"], r.fields["prefix"])
 
     async def chunk_size(self) -> int:
         return (await self._direct()).chunk_size

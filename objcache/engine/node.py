@@ -35,6 +35,7 @@ import time
 
 import msgpack
 
+from objcache.backend.base import normalize_prefix
 from objcache.backend.s3 import S3Store
 from objcache.cache import ChunkCache
 from objcache.fsutil import fsync_dir
@@ -660,7 +661,8 @@ class Node:
         return {"node": r[1], "group": r[2], "members": r[3], "cluster": m[1]}
 
     async def _h_map(self, ctx, fields, payload):
-        return {"cluster": self.cluster, "chunk_size": self.cfg.chunk_size}
+        return {"cluster": self.cluster, "chunk_size": self.cfg.chunk_size,
+                "bucket": self.cfg.bucket, "prefix": normalize_prefix(self.cfg.prefix)}
 
     async def _h_node_status(self, ctx, fields, payload):
         st = self.group.status()

@@ -3,8 +3,12 @@
 Without ``--cluster`` the process embeds a single-node server (data under
 ``--data-dir``, default ``~/.cache/objcache/<bucket>``) listening on
 loopback only, with a per-mount random secret; with ``--cluster`` it is a
-client of the cluster. Either way the FUSE side talks to the cluster through
-``ClusterClient`` (objcache/fuse/ops.py).
+client of the cluster, and ``s3://BUCKET/PREFIX`` names the cluster's own
+bucket and prefix (the mount shows the cluster's root) or a folder below it
+(the mount shows that folder: objcache/client/subtree.py); anything else,
+and the embedded server's options (``--endpoint-url``, ``--data-dir``,
+``--cache-size``), are refused. Either way the FUSE side talks to the
+cluster through ``ClusterClient`` (objcache/fuse/ops.py).
 
 Lifetime: "mounted on MOUNTPOINT" is printed once the kernel has the mount.
 SIGTERM, SIGINT and ``fusermount3 -u`` end it the same way: every open
@@ -38,15 +42,32 @@ def _options(args) -> set[str]:
     return opts
 
 
+# Options of the embedded server: with --cluster the cluster's nodes hold
+# the data, the cache and the S3 connection, so these are refused there.
+EMBEDDED_ONLY = (("endpoint_url", "--endpoint-url"), ("data_dir", "--data-dir"),
+                 ("cache_size", "--cache-size"))
+
+
 def run_mount(args) -> int:
+    if args.cluster:
+        for attr, flag in EMBEDDED_ONLY:
+            if getattr(args, attr) is not None:
+                print(f"objcache mount: {flag} is an option of the embedded server; with "
+                      f"--cluster the cluster's nodes have their own (drop {flag}, or "
+                      f"drop --cluster to run an embedded server)", file=sys.stderr)
+                return 2
     if not os.path.isdir(args.mountpoint):
         print(f"objcache mount: {args.mountpoint}: not a directory", file=sys.stderr)
         return 2
     if not args.foreground:
         return _background(args)
     import uvloop
+    from objcache.client.location import OutsideCluster
     try:
         return uvloop.run(_main(args))
+    except OutsideCluster as exc:
+        print(f"objcache mount: {exc}", file=sys.stderr)
+        return 2
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"objcache mount: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
@@ -80,7 +101,8 @@ async def _main(args) -> int:
     bucket, prefix = parse_bucket(args.bucket)
     node = None
     if args.cluster:
-        client = ClusterClient(args.cluster, load_secret(args.secret_file))
+        client = await _cluster_folder(ClusterClient(args.cluster, load_secret(args.secret_file)),
+                                       args.bucket)
     else:
         from objcache.engine.node import Node, NodeConfig
         data_dir = args.data_dir or os.path.join(
@@ -141,6 +163,38 @@ async def _main(args) -> int:
         if node is not None:
             await node.stop()
     return code
+
+
+async def _cluster_folder(client, url: str):
+    """The client to mount ``url`` with: the cluster's root when ``url``
+    is the cluster's bucket and prefix, a SubtreeClient for a folder below
+    it (created if missing, as object-store folders exist only by their
+    keys); anything else is refused (OutsideCluster names both)."""
+    from objcache.client.location import ABOVE_ROOT, OutsideCluster
+    from objcache.client.subtree import SubtreeClient
+    from objcache.meta.model import Kind
+    try:
+        root = await client.root()
+        rel = root.relative(url)
+        if rel is ABOVE_ROOT:
+            raise OutsideCluster(f"{url} is above the root of the cluster, which serves "
+                                 f"{root.url}: mount {root.url} or a folder below it")
+        if not rel:
+            return client
+        node = await client.getattr(1)
+        for i, part in enumerate(rel.split("/")):
+            try:
+                node = await client.lookup(node.id, part.encode())
+            except FileNotFoundError:
+                node = await client.mkdir(node.id, part.encode(), 0o755, os.getuid(), os.getgid())
+                log.info("created the folder %s", root.location("/".join(rel.split("/")[:i + 1])))
+            if node.kind != Kind.DIR:
+                raise OutsideCluster(f"{root.location('/'.join(rel.split('/')[:i + 1]))} is a "
+                                     f"file, not a folder: cannot mount {url}")
+        return SubtreeClient(client, node.id)
+    except BaseException:
+        await client.close()
+        raise
 
 
 def _worker_exception_handler(loop, context) -> None:

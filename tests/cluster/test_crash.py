@@ -9,7 +9,7 @@ import pytest
 
 from objcache.meta.model import ROOT
 
-from .test_server_processes import Cluster
+from tests.server_cluster import Cluster
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pytest
 
 from objcache.meta.model import ROOT
 
-from .test_server_processes import Cluster
+from tests.server_cluster import Cluster
 
 pytestmark = pytest.mark.rgw
 

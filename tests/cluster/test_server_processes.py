@@ -4,7 +4,6 @@ a bucket object written outside is read back through the cluster."""
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -12,73 +11,7 @@ import pytest
 
 from objcache.client.cluster import ClusterClient
 from objcache.meta.model import ROOT
-from objcache.testing.processes import stop_processes
-from objcache.testing.s3servers import free_port
-
-SECRET = "server-process-test-secret"
-
-
-class Cluster:
-    def __init__(self, tmp_path, s3, bucket, n=3, chunk="1MiB", replicas=1,
-                 prefix="pre", cache="64MiB"):
-        self.procs = []
-        self.argvs = []
-        self.ports = []
-        self.tmp_path, self.s3_server, self.bucket_url = tmp_path, s3, f"s3://{bucket}/{prefix}"
-        self.chunk, self.replicas, self.cache = chunk, replicas, cache
-        self.env = dict(os.environ, OBJCACHE_SECRET=SECRET, AWS_ACCESS_KEY_ID=s3.access_key,
-                        AWS_SECRET_ACCESS_KEY=s3.secret_key, AWS_DEFAULT_REGION="us-east-1")
-        for _ in range(n):
-            self.add_node()
-
-    def add_node(self):
-        """Start one more node (the first bootstraps, the others join it)."""
-        i, port = len(self.ports), free_port()
-        argv = [sys.executable, "-m", "objcache", "server", "--data-dir",
-                str(self.tmp_path / f"node{i}"), "--listen", f"127.0.0.1:{port}",
-                "--bucket", self.bucket_url, "--endpoint-url", self.s3_server.endpoint_url,
-                "--cache-size", self.cache, "--chunk-size", self.chunk,
-                "--writeback-delay", "0.2", "--replicas", str(self.replicas)]
-        if i:
-            argv += ["--join", f"127.0.0.1:{self.ports[0]}"]
-        try:
-            self.procs.append(self._spawn(argv))
-        except BaseException:
-            self.stop()                     # the nodes already started must not outlive the test
-            raise
-        self.ports.append(port)
-        self.argvs.append(argv)
-        self.addrs = ",".join(f"127.0.0.1:{p}" for p in self.ports)
-
-    def _spawn(self, argv):
-        """Start a server; returns once it prints "serving" (it is a full
-        member then)."""
-        # Each server's log goes to a file next to its data directory (an
-        # unread pipe could fill up and stall the server).
-        log_path = argv[argv.index("--data-dir") + 1] + ".log"
-        with open(log_path, "ab") as log_file:
-            p = subprocess.Popen(argv, env=self.env, stdout=subprocess.PIPE, stderr=log_file,
-                                 text=True)
-        line = p.stdout.readline()
-        if p.poll() is not None:
-            with open(log_path) as f:
-                raise AssertionError(f"server did not start: {line}\n{f.read()[-3000:]}")
-        assert "serving" in line, line
-        return p
-
-    def kill9(self, i):
-        self.procs[i].send_signal(signal.SIGKILL)
-        self.procs[i].wait()
-
-    def restart(self, i):
-        """Start node ``i`` again with its data directory and port."""
-        self.procs[i] = self._spawn(self.argvs[i])
-
-    def client(self):
-        return ClusterClient(self.addrs, SECRET.encode())
-
-    def stop(self):
-        stop_processes(self.procs, timeout=20)
+from tests.server_cluster import SECRET, Cluster
 
 
 @pytest.fixture
@@ -139,39 +72,6 @@ def test_status_and_drain_commands(cluster):
                           cluster.addrs.split(",")[0]], env=dict(env, OBJCACHE_SECRET="wrong"),
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0
-
-
-def test_fsspec_filesystem(cluster):
-    import fsspec
-    from objcache.client.fs import ObjcacheFileSystem
-    fs = ObjcacheFileSystem(cluster=cluster.addrs, secret=SECRET, skip_instance_cache=True)
-    fs.mkdir("models/bert")
-    fs.pipe_file("models/bert/config.json", b'{"a": 1}')
-    assert fs.cat_file("models/bert/config.json") == b'{"a": 1}'
-    assert fs.cat_file("models/bert/config.json", start=2, end=5) == b'a":'
-    big = os.urandom(3 * (1 << 20) + 5)
-    with fs.open("models/bert/weights.bin", "wb", block_size=1 << 20) as f:
-        f.write(big[:1000])
-        f.write(big[1000:])
-    with fs.open("models/bert/weights.bin", "rb") as f:
-        f.seek(2 * (1 << 20))
-        assert f.read(100) == big[2 * (1 << 20):2 * (1 << 20) + 100]
-        f.seek(0)
-        assert f.read() == big
-    info = fs.info("models/bert/weights.bin")
-    assert info["size"] == len(big) and info["type"] == "file"
-    assert sorted(fs.ls("models/bert", detail=False)) == ["models/bert/config.json",
-                                                         "models/bert/weights.bin"]
-    fs.mv("models/bert/config.json", "models/config.json")
-    fs.fsync("models/config.json")
-    fs.rm("models/bert/weights.bin")
-    assert fs.ls("models/bert", detail=False) == []
-    with pytest.raises(FileNotFoundError):
-        fs.info("models/nope")
-    assert fsspec.get_filesystem_class("objcache") is ObjcacheFileSystem
-    s3 = cluster.s3.client()
-    body = s3.get_object(Bucket=cluster.bucket, Key="pre/models/config.json")["Body"].read()
-    assert body == b'{"a": 1}'
 
 
 def test_local_zero_copy_reads_match_rpc_reads(cluster):

@@ -11,19 +11,20 @@ import sys
 import pytest
 
 from objcache.client.cluster import ClusterClient
-from tests.cluster.test_server_processes import SECRET, Cluster
+from objcache.meta.model import ROOT
+from tests.server_cluster import SECRET, Cluster
 
 from .conftest import lazy_unmount
 
 
 class ClientMount:
-    def __init__(self, cluster, address, mnt, **env_vars):
+    def __init__(self, cluster, address, mnt, url=None, **env_vars):
         mnt.mkdir()
         self.path = str(mnt)
         env = dict(cluster.env, OBJCACHE_SECRET=SECRET, **env_vars)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "objcache", "mount", f"s3://{cluster.bucket}/pre", self.path,
-             "-f", "--cluster", address], env=env, stdout=subprocess.PIPE,
+            [sys.executable, "-m", "objcache", "mount", url or f"s3://{cluster.bucket}/pre",
+             self.path, "-f", "--cluster", address], env=env, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         assert "mounted" in line, (line, self.proc.stderr.read()
@@ -144,5 +145,70 @@ def test_a_killed_mounts_unlinked_open_files_are_forgotten(tmp_path, moto_bucket
         for fd in held:
             os.close(fd)
         for m in mounts:
+            m.unmount()
+        cluster.stop()
+
+
+def _mount_refused(cluster, tmp_path, url, *extra):
+    mnt = tmp_path / "refused"
+    mnt.mkdir(exist_ok=True)
+    out = subprocess.run([sys.executable, "-m", "objcache", "mount", url, str(mnt), "-f",
+                          "--cluster", cluster.addrs.split(",")[0], *extra],
+                         env=dict(cluster.env, OBJCACHE_SECRET=SECRET), capture_output=True,
+                         text=True, timeout=60)
+    assert not os.path.ismount(mnt)
+    return out.returncode, out.stderr.strip()
+
+
+def test_a_cluster_mount_shows_the_folder_it_names(tmp_path, moto_bucket):
+    """s3://BUCKET/PREFIX is the cluster's root; a folder below it mounts
+    that folder (created if missing); anything else, and the embedded
+    server's options, are refused with messages that name both."""
+    s3, bucket = moto_bucket
+    cluster = Cluster(tmp_path, s3, bucket, n=1)
+    cluster.s3, cluster.bucket = s3, bucket
+    m = None
+    try:
+        addr = cluster.addrs
+        m = ClientMount(cluster, addr, tmp_path / "models", url=f"s3://{bucket}/pre/models/bert")
+        with open(os.path.join(m.path, "config.json"), "wb") as f:
+            f.write(b"{}")
+        os.mkdir(os.path.join(m.path, "sub"))
+        assert sorted(os.listdir(m.path)) == ["config.json", "sub"]
+        assert os.stat(m.path).st_ino == 1
+        assert os.path.samefile(os.path.join(m.path, "sub", ".."), m.path)
+        assert m.unmount() == 0
+        m = None
+
+        async def check():
+            async with cluster.client() as c:
+                models = await c.lookup(ROOT, b"models")
+                bert = await c.lookup(models.id, b"bert")
+                f = await c.lookup(bert.id, b"config.json")
+                assert bytes(await c.read(f, 0, 10)) == b"{}"
+                await c.create(ROOT, b"afile")
+        asyncio.run(asyncio.wait_for(check(), 60))
+
+        root = f"s3://{bucket}/pre/"
+        cases = {
+            "s3://other-bucket/pre": f"'s3://other-bucket/pre' is outside this cluster: it "
+                                      f"serves {root} (paths look like {bucket}/pre/KEY)",
+            f"s3://{bucket}/elsewhere": f"'s3://{bucket}/elsewhere' is outside this cluster: "
+                                        f"it serves {root} (paths look like {bucket}/pre/KEY)",
+            f"s3://{bucket}": f"s3://{bucket} is above the root of the cluster, which serves "
+                              f"{root}: mount {root} or a folder below it",
+            f"s3://{bucket}/pre/afile": f"{bucket}/pre/afile is a file, not a folder: cannot "
+                                        f"mount s3://{bucket}/pre/afile",
+        }
+        for url, message in cases.items():
+            assert _mount_refused(cluster, tmp_path, url) == (2, f"objcache mount: {message}")
+        for flag, value in (("--data-dir", str(tmp_path / "d")), ("--cache-size", "1G"),
+                            ("--endpoint-url", "http://127.0.0.1:1")):
+            assert _mount_refused(cluster, tmp_path, root, flag, value) == (
+                2, f"objcache mount: {flag} is an option of the embedded server; with "
+                   f"--cluster the cluster's nodes have their own (drop {flag}, or drop "
+                   f"--cluster to run an embedded server)")
+    finally:
+        if m is not None:
             m.unmount()
         cluster.stop()
