@@ -13,6 +13,18 @@ Apply order is the log order on every replica; an effect that fails (the
 disk died) raises, which stops the replica (driver: fatal), because its
 records would otherwise claim data it does not have.
 
+Snapshots received from the leader (``prepare_restore``): a snapshot
+carries the records, not the chunk bytes, and the entries it replaces are
+the ones that brought a lagging replica its dirty chunks. So before the core
+sees the snapshot, the replica fetches from the sender every dirty version
+the snapshot names that its cache lacks (``fetch_chunk``, set by the node;
+the sender answers with ``chunk_for_peer``: the version or a newer one, or
+"gone" when its own records have moved past it — cleaned, superseded,
+dropped — so that the entries after the snapshot bring the rest) and
+stores it durably. A fetch that fails refuses the snapshot; the leader
+sends it again later. Clean versions are not fetched: the bucket holds
+them.
+
 Reconciliation after a restart (``reconcile``): the cache's removals are
 not durable when they return, so a crash can bring back a dirty version
 that a ``cdrop`` (or a superseding write) had removed. Dirty versions are
@@ -30,10 +42,16 @@ from objcache.meta.state import GroupState
 
 
 class GroupMachine:
-    def __init__(self, group_id: int, cache, chunk_size: int):
+    def __init__(self, group_id: int, cache, chunk_size: int, fetch_chunk=None):
+        self.group_id = group_id
         self.state = GroupState(group_id)
         self.cache = cache
         self.chunk_size = chunk_size
+        # async (sender node, (inode, index), version) -> (version, bytes) |
+        # None ("gone"): a chunk version from the replica that sent a
+        # snapshot (prepare_restore). None: snapshots name no chunks to fetch
+        # (a group of one replica never receives one).
+        self.fetch_chunk = fetch_chunk
 
     # StateMachine API ---------------------------------------------------
 
@@ -51,6 +69,47 @@ class GroupMachine:
 
     def restore(self, data: bytes) -> None:
         self.state.restore(data)
+
+    async def prepare_restore(self, data: bytes, sender: int) -> int:
+        """Fetch the dirty chunk versions snapshot ``data`` names and this
+        replica's cache lacks (see the module docstring); returns how many
+        were fetched."""
+        incoming = GroupState(self.group_id)
+        incoming.restore(data)
+        missing = [(key, rec[0]) for key, rec in incoming.chunks.items()
+                   if not rec[2] and not self._have(key, rec[0])]
+        if missing and self.fetch_chunk is None:
+            raise RuntimeError(f"group {self.group_id}: a snapshot names {len(missing)} "
+                               f"dirty chunks this replica lacks, and it has no peer "
+                               f"to fetch them from")
+        fetched = 0
+        for key, version in missing:
+            got = await self.fetch_chunk(sender, key, version)
+            if got is None or self._have(key, got[0]):
+                continue                    # moved on at the sender; later entries bring it
+            await self.cache.write(key, got[0], got[1], dirty=True, admitted=True)
+            fetched += 1
+        return fetched
+
+    async def chunk_for_peer(self, key, version: int) -> tuple[int, bytes] | None:
+        """For a replica installing our snapshot: ``version`` of chunk
+        ``key`` or the newer one we hold; None when our records have moved
+        past it (clean now, superseded and gone, dropped)."""
+        rec = self.state.chunks.get(key)
+        if rec is None or rec[2] or rec[0] < version:
+            return None if rec is None or rec[2] else self._missing(key, version, rec)
+        got = self.cache.peek(key)
+        if got is None or got[0] < version:
+            return self._missing(key, version, rec)
+        view = await self.cache.read(key, got[0], None)
+        try:
+            return got[0], bytes(view.data)
+        finally:
+            view.release()
+
+    def _missing(self, key, version: int, rec) -> None:
+        raise LookupError(f"group {self.group_id}: chunk {key} v{version} asked for by a "
+                          f"replica is not in this cache (record {rec})")
 
     # effects ------------------------------------------------------------
 

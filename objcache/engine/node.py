@@ -299,9 +299,14 @@ class Node:
                                 disk_bytes=max(cfg.chunk_size * 8, cfg.cache_size - mem),
                                 chunk_size=cfg.chunk_size)
         await self.cache.open()
+        # 16 MiB segments: compaction deletes whole segments, so the log on
+        # disk stays within about two snapshots' worth of entries plus one
+        # segment (GroupOptions.snapshot_bytes; docs/storage-engine.md).
         self.storage = await RaftStorage.open(os.path.join(cfg.data_dir, "raft",
-                                                           f"g{self.group_id}"))
-        self.machine = GroupMachine(self.group_id, self.cache, cfg.chunk_size)
+                                                           f"g{self.group_id}"),
+                                              segment_bytes=16 << 20)
+        self.machine = GroupMachine(self.group_id, self.cache, cfg.chunk_size,
+                                    fetch_chunk=self._fetch_chunk)
         opts = GroupOptions(tick_seconds=cfg.tick_seconds)
         # A group is bootstrapped by its first member alone, so every
         # replica's log starts from the membership {first member}: later
@@ -532,7 +537,9 @@ class Node:
         h.update({"chunk.read": _chunk_handler(self._h_chunk_read),
                   "chunk.write": _chunk_handler(self._h_chunk_write)})
         # Not ring-versioned: membership and maps (how a stale sender gets
-        # a new ring), status, and Raft's own messages (terms order them).
+        # a new ring), status, and Raft's own messages (terms order them)
+        # with the chunk fetches of a snapshot install.
+        h.update({"raft.chunk": self._h_raft_chunk})
         h.update({"cluster.join": self._h_join, "cluster.map": self._h_map,
                   "cluster.status": self._h_status,
                   "cluster.node_status": self._h_node_status})
@@ -651,6 +658,33 @@ class Node:
         v = await self.chunks.write(fields["i"], fields["x"], fields["o"], payload or b"",
                                     epoch_base=fields["e"], s3=fields["s3"], s3_size=fields["n"])
         return {"v": v}
+
+    async def _fetch_chunk(self, sender: int, key, version: int):
+        """For GroupMachine.prepare_restore: chunk ``key`` at ``version``
+        (or newer) from replica ``sender`` of our group, or None."""
+        addr = self.host.addresses.get(sender)
+        if addr is None:
+            raise OSError(errno.EHOSTUNREACH, f"no address for node {sender}")
+        r = await self.pool.get(*addr).call(
+            "raft.chunk", {"g": self.group_id, "i": key[0], "x": key[1], "v": version},
+            timeout=60)
+        if r.fields.get("gone"):
+            return None
+        return r.fields["v"], r.payload if r.payload is not None else b""
+
+    async def _h_raft_chunk(self, ctx, fields, payload):
+        """A replica of our group installing our snapshot asks for a dirty
+        chunk version it names (GroupMachine.chunk_for_peer). Leader or
+        not: the sender of a snapshot has what it names."""
+        if fields["g"] != self.group_id or not getattr(self, "machine", None):
+            raise HandlerError("not_here", f"group {fields['g']} is not on node {self.node_id}")
+        try:
+            got = await self.machine.chunk_for_peer((fields["i"], fields["x"]), fields["v"])
+        except LookupError as exc:
+            raise HandlerError("missing", str(exc)) from None
+        if got is None:
+            return {"gone": True}
+        return {"v": got[0]}, got[1]
 
     async def _h_join(self, ctx, fields, payload):
         r = await self.router.propose(ROOT_GROUP, ["join", fields["address"],

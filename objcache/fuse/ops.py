@@ -357,6 +357,15 @@ class ObjcacheOperations(pyfuse3.Operations):
     async def write(self, fh, off, buf):
         h = self._handles[fh]
         f = h.file
+        # Room first: a write that would start a send waits until fewer
+        # than WRITE_BEHIND_SENDS are in flight. The kernel sends many
+        # WRITEs of one file at once (the writeback of an mmap's dirty
+        # pages); waiting after starting the send let 148 1 MiB sends pile
+        # up in one fsx run. No await from here on: the checks below and
+        # the sends they start happen together.
+        while len(f.sends) >= WRITE_BEHIND_SENDS and \
+                self._starts_send(f, f.size if h.append else off, len(buf)):
+            await asyncio.wait([f.sends[0]])
         if h.append:
             off = f.size
         self._raise_error(f)
@@ -375,9 +384,14 @@ class ObjcacheOperations(pyfuse3.Operations):
         f.dirty = True
         if len(f.pending) >= self.write_behind:
             self._send(f)
-        while len(f.sends) > WRITE_BEHIND_SENDS:
-            await asyncio.wait([f.sends[0]])
         return len(buf)
+
+    def _starts_send(self, f: _File, off: int, n: int) -> bool:
+        """Would a write of ``n`` bytes at ``off`` start a send?"""
+        p = f.pending
+        if p is not None and off == f.pending_off + len(p) and len(p) + n <= self.write_behind:
+            return len(p) + n >= self.write_behind
+        return p is not None or n >= self.write_behind
 
     def _send(self, f: _File) -> None:
         """Start sending the gathered bytes, after the sends before them."""

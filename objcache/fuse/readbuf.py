@@ -30,7 +30,10 @@ from collections import OrderedDict
 
 from objcache.meta.model import Inode
 
-DEFAULT_BUDGET = 256 << 20
+# The buffers count in the mount's fixed memory overhead (docs/fuse.md,
+# "Memory"): 64 MiB is four chunks ahead for two sequential readers at
+# once; more readers share it (least recently used dropped first).
+DEFAULT_BUDGET = 64 << 20
 DEFAULT_AHEAD = 3
 
 

@@ -58,6 +58,13 @@ class StateMachine(Protocol):
     def restore(self, data: bytes) -> None:
         """Replace the whole state with a snapshot's."""
 
+    # Optional:
+    # async def prepare_restore(self, data: bytes, sender: int) -> None:
+    #     """Before a snapshot received from ``sender`` reaches the core:
+    #     make durable what restoring it needs besides its bytes (the
+    #     engine fetches dirty chunks the snapshot names). Raising refuses
+    #     the snapshot (the sender retries later)."""
+
 
 class Transport(Protocol):
     def send(self, group: int, messages: list[Message]) -> None:
@@ -84,7 +91,17 @@ class GroupOptions:
     heartbeat_ticks: int = 1
     max_inflight: int = 256
     max_msg_bytes: int = 1 << 20
-    snapshot_entries: int = 10_000      # compact when this many applied entries are in the log
+    # Compaction: snapshot the state machine and drop the log before it when
+    # the applied entries still in the log number ``snapshot_entries``, or
+    # their payloads add up to ``snapshot_bytes`` (chunk writes carry up to
+    # a chunk each: counting entries alone let the log, and the memory that
+    # holds it, grow to GiBs). A leader keeps the entries a lagging member
+    # still needs, up to another ``snapshot_entries``/``snapshot_bytes`` of
+    # them; a member further behind gets the snapshot instead. So the
+    # in-memory log holds at most about 2 x snapshot_bytes of applied
+    # payload, plus what is not applied yet.
+    snapshot_entries: int = 10_000
+    snapshot_bytes: int = 32 << 20
     pre_vote: bool = True
     check_quorum: bool = True
 
@@ -129,6 +146,12 @@ class RaftGroup:
         self.applied = 0
         self.leader = 0
         self.role = Role.FOLLOWER
+        # Payload bytes of the applied entries still in the core's log, and
+        # the applied index and byte figure at which compaction is tried
+        # next (pushed further when a lagging member held it back).
+        self.log_bytes = 0
+        self._compact_at_bytes = self.opts.snapshot_bytes
+        self._compact_at_index = self.opts.snapshot_entries
 
     # ------------------------------------------------------------ lifecycle
 
@@ -145,6 +168,7 @@ class RaftGroup:
         if snap is not None:
             self.sm.restore(snap.data)
             self.applied = snap.meta.index
+        self._compact_at_index = self.core.log.snap_index + self.opts.snapshot_entries
         self._task = asyncio.create_task(self._run(), name=f"raft-{self.group_id}-{self.node_id}")
         self._ticker = asyncio.create_task(self._tick_loop(), name=f"raft-tick-{self.group_id}")
         if len(self.core.conf.voters) == 1 and self.node_id in self.core.conf.voters:
@@ -253,6 +277,18 @@ class RaftGroup:
             return
         self._inputs.append(("unreachable", peer))
         self._wake.set()
+
+    async def accept_snapshot(self, msg: Message) -> None:
+        """A SNAP message from the transport. The state machine's
+        ``prepare_restore`` (if it has one) runs first, so that everything
+        the snapshot needs is durable here before the core can act on it
+        (persist it, acknowledge it); an exception refuses the snapshot:
+        the transport answers the sender with an error, and the sender's
+        core retries later."""
+        prepare = getattr(self.sm, "prepare_restore", None)
+        if prepare is not None and msg.snapshot is not None:
+            await prepare(msg.snapshot.data, msg.frm)
+        self.deliver(msg)
 
     def deliver(self, msg: Message) -> None:
         """A message from a peer (called by the transport)."""
@@ -376,6 +412,9 @@ class RaftGroup:
         if rd.snapshot is not None:
             self.sm.restore(rd.snapshot.data)
             self.applied = rd.snapshot.meta.index
+            self.log_bytes = 0
+            self._compact_at_bytes = self.opts.snapshot_bytes
+            self._compact_at_index = self.applied + self.opts.snapshot_entries
             for index in [i for i in self._waiting if i <= self.applied]:
                 w = self._waiting.pop(index)
                 if not w.future.done():
@@ -392,6 +431,7 @@ class RaftGroup:
                     # entries apply strictly in order.
                     result = await result
             self.applied = e.index
+            self.log_bytes += len(e.data)
             w = self._waiting.pop(e.index, None)
             if w is not None and not w.future.done():
                 if w.term == e.term:
@@ -416,7 +456,7 @@ class RaftGroup:
                 else:
                     keep.append((index, fut))
             self._ready_reads = keep
-        if self.applied - self.core.log.snap_index >= self.opts.snapshot_entries:
+        if self.applied >= self._compact_at_index or self.log_bytes >= self._compact_at_bytes:
             await self._compact()
 
     def _send(self, rd: Ready) -> None:
@@ -427,14 +467,46 @@ class RaftGroup:
             if m.type == MsgType.SNAP:
                 self._start_snapshot_send(m)
 
-    async def _compact(self) -> None:
-        """Snapshot the state machine at ``applied`` and forget the log
-        before it. The snapshot is durable before the core drops anything."""
+    def _compaction_point(self) -> tuple[int, int]:
+        """(index to compact to, payload bytes of the applied entries that
+        stay). ``applied``, except that a leader keeps the entries after a
+        lagging member's match index while they are at most
+        ``snapshot_entries`` entries of at most ``snapshot_bytes`` (so a
+        member a little behind catches up from the log, not with a
+        snapshot)."""
+        log_ = self.core.log
         index = self.applied
+        if self.core.is_leader:
+            behind = [pr.match for peer, pr in self.core.prs.items()
+                      if peer != self.node_id and pr.match < index]
+            if behind:
+                floor = max(min(behind), log_.snap_index)
+                if index - floor <= self.opts.snapshot_entries:
+                    kept = sum(len(log_.entries[i - log_.snap_index - 1].data)
+                               for i in range(floor + 1, index + 1))
+                    if kept <= self.opts.snapshot_bytes:
+                        return floor, kept
+        return index, 0
+
+    async def _compact(self) -> None:
+        """Snapshot the state machine at the compaction point and forget
+        the log before it. The snapshot is durable before the core drops
+        anything."""
+        index, kept = self._compaction_point()
+        if index <= self.core.log.snap_index:
+            # A member is just behind: try again once another quarter of
+            # the budget has been applied (it has caught up by then, or the
+            # entries it needs exceed the budget and it gets a snapshot).
+            self._compact_at_bytes = self.log_bytes + max(1, self.opts.snapshot_bytes // 4)
+            self._compact_at_index = self.applied + max(1, self.opts.snapshot_entries // 4)
+            return
         data = self.sm.snapshot()
         meta = SnapshotMeta(index, self.core.log.term(index), self.core.conf_at(index))
         await self.storage.save_snapshot(Snapshot(meta, data))
         self.core.compact(index)
+        self.log_bytes = kept
+        self._compact_at_bytes = kept + self.opts.snapshot_bytes
+        self._compact_at_index = index + self.opts.snapshot_entries
 
     def _start_snapshot_send(self, m: Message) -> None:
         snap = self.storage.snapshot()

@@ -212,7 +212,7 @@ class RaftHost:
         got = self._decode_one(fields.get("g"), fields.get("h"), payload)
         if got is None:
             raise BadRequest("no such raft group here")
-        got[0].deliver(got[1])
+        await got[0].accept_snapshot(got[1])
         return {}
 
     async def close(self) -> None:

@@ -80,5 +80,8 @@ class LocalTransport:
         target = self.net.groups.get((group, message.to))
         if target is None:
             return False
-        target.deliver(message)
+        try:
+            await target.accept_snapshot(message)
+        except Exception:  # noqa: BLE001 - refused by the receiver: the core retries
+            return False
         return True

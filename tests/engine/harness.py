@@ -16,14 +16,16 @@ CHUNK = 1 << 20     # small chunks keep tests fast; the code paths are the same
 
 
 class Engine:
-    def __init__(self, tmp_path, groups=3, replicas=1, store=None, chunk=CHUNK):
+    def __init__(self, tmp_path, groups=3, replicas=1, store=None, chunk=CHUNK, options=None):
         self.tmp = tmp_path
         self.store = store or MemoryStore("bucket")
         self.chunk = chunk
         self.caches: dict[tuple[int, int], ChunkCache] = {}
+        self.machines: dict[tuple[int, int], GroupMachine] = {}
         self.ring = Ring(range(1, groups + 1))
         self.cluster = LocalCluster(groups, replicas, machine_factory=self._machine,
-                                    on_start=self._service)
+                                    on_start=self._service,
+                                    **({"options": options} if options else {}))
 
     def _machine(self, g, node):
         cache = self.caches.get((g, node))
@@ -32,7 +34,11 @@ class Engine:
                                disk_bytes=256 * self.chunk, chunk_size=self.chunk)
             self.caches[(g, node)] = cache
             self._to_open.append(cache)
-        return GroupMachine(g, cache, self.chunk)
+
+        async def fetch(sender, key, version):      # a snapshot's chunks, from its sender
+            return await self.machines[(g, sender)].chunk_for_peer(key, version)
+        m = self.machines[(g, node)] = GroupMachine(g, cache, self.chunk, fetch_chunk=fetch)
+        return m
 
     def _service(self, g, node, rg):
         return ChunkService(rg, self.store, self.chunk)

@@ -5,6 +5,7 @@ import asyncio
 import os
 
 from objcache.meta.model import ROOT
+from objcache.raft.driver import GroupOptions
 
 from .harness import CHUNK, Engine
 
@@ -80,6 +81,37 @@ def test_writes_survive_leader_change_r3(tmp_path):
         for g in (1, 2):
             old = await e.cluster.leader(g)
             await e.cluster.stop_replica(g, old.node_id)
+        node = await e.ns.getattr(f.id)
+        assert await e.data.read(node, 0, len(data)) == data
+        await e.close()
+    run(main())
+
+
+def test_a_replica_far_behind_gets_the_dirty_chunks_with_the_snapshot(tmp_path):
+    """A follower stopped while 6 chunks are written under a 2-chunk
+    compaction budget comes back behind the leader's compacted log: it
+    installs a snapshot, which names dirty chunks only the compacted
+    entries carried. It fetches them from the leader before the core sees
+    the snapshot, so once it leads it serves every byte (before: ESTALE,
+    "not here and not in the bucket")."""
+    opts = GroupOptions(tick_seconds=0.01, election_ticks=10, snapshot_entries=200,
+                        snapshot_bytes=2 * CHUNK)
+
+    async def main():
+        e = await Engine(tmp_path, groups=1, replicas=3, options=opts).start()
+        f = await e.ns.create(ROOT, b"f", 0o644, 1000, 1000)
+        lead = await e.cluster.leader(1)
+        behind = next(n for n in e.cluster.groups[1] if n != lead.node_id)
+        stopped_at = e.cluster.groups[1][behind].core.log.last_index()
+        await e.cluster.stop_replica(1, behind)
+        data = os.urandom(6 * CHUNK)
+        await e.data.flush(f, len(data), await e.data.write(f, 0, data))
+        assert lead.core.log.snap_index > stopped_at        # it must take a snapshot
+        back = await e.cluster.restart(1, behind)
+        await back.read_barrier(5)
+        assert back.core.log.snap_index > stopped_at        # it did
+        await lead.transfer_leadership(behind, 5)
+        await e.cluster.stop_replica(1, lead.node_id)
         node = await e.ns.getattr(f.id)
         assert await e.data.read(node, 0, len(data)) == data
         await e.close()
