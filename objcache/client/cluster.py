@@ -116,32 +116,48 @@ class ClusterClient:
         """``method`` at the first node that answers. Once this client has
         a ring (its direct data path), requests carry its version; a node
         with a newer ring refuses ("stale_ring", nothing done): the client
-        adopts the node's map and sends the request again."""
-        last = None
-        for k in range(len(self._clients)):
-            c = self._clients[(self._current + k) % len(self._clients)]
-            try:
-                for attempt in range(3):
-                    f = fields or {}
-                    if self._ring is not None:
-                        f = dict(f, rv=self._ring.version)
-                    try:
-                        r = await c.call(method, f, payload, timeout=timeout or self.timeout)
-                        break
-                    except RemoteError as exc:
-                        if exc.code != "stale_ring" or attempt == 2:
-                            raise
-                        self._adopt((exc.details or {}).get("cluster"))
-                self._current = (self._current + k) % len(self._clients)
-                return r
-            except RemoteError as exc:
-                if exc.code == "errno":
-                    code = (exc.details or {}).get("errno", errno.EIO)
-                    raise OSError(code, exc.message) from None
-                raise
-            except (Unavailable, RpcError, OSError) as exc:
-                last = exc
-        raise OSError(errno.EHOSTUNREACH, f"no node of the cluster answered: {last!r}")
+        adopts the node's map and sends the request again. A node still
+        starting answers "not_ready": the next node is asked, and when
+        every node is starting the client waits for them (backing off)
+        within ``timeout``."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + (timeout or self.timeout)
+        delay = 0.05
+        while True:
+            last, starting = None, None
+            for k in range(len(self._clients)):
+                c = self._clients[(self._current + k) % len(self._clients)]
+                try:
+                    for attempt in range(3):
+                        f = fields or {}
+                        if self._ring is not None:
+                            f = dict(f, rv=self._ring.version)
+                        try:
+                            r = await c.call(method, f, payload,
+                                             timeout=max(0.1, end - loop.time()))
+                            break
+                        except RemoteError as exc:
+                            if exc.code != "stale_ring" or attempt == 2:
+                                raise
+                            self._adopt((exc.details or {}).get("cluster"))
+                    self._current = (self._current + k) % len(self._clients)
+                    return r
+                except RemoteError as exc:
+                    if exc.code == "errno":
+                        code = (exc.details or {}).get("errno", errno.EIO)
+                        raise OSError(code, exc.message) from None
+                    if exc.code != "not_ready":
+                        raise
+                    last = starting = exc
+                except (Unavailable, RpcError, OSError) as exc:
+                    last = exc
+            if starting is None:
+                raise OSError(errno.EHOSTUNREACH, f"no node of the cluster answered: {last!r}")
+            if loop.time() + delay > end:
+                raise OSError(errno.EAGAIN, f"no node of the cluster is ready: "
+                                            f"{starting.message}")
+            await asyncio.sleep(delay)
+            delay = min(1.0, delay * 2)
 
     # namespace ------------------------------------------------------------
 

@@ -61,6 +61,7 @@ from .writeback import WriteBack
 log = logging.getLogger(__name__)
 
 ROOT_GROUP = 1
+JOIN_WAIT = 120.0       # seconds a joining node waits for the node it joins to answer
 
 
 class NodeConfig:
@@ -174,7 +175,7 @@ class NodeRouter:
                         return result[0], result[1]
                     return result or {}, None
                 except HandlerError as exc:
-                    if exc.code != "not_leader":
+                    if exc.code not in ("not_leader", "not_ready"):
                         raise RemoteError(exc.code, str(exc), details=exc.details) from None
                     hint = (exc.details or {}).get("leader")
             else:
@@ -243,6 +244,10 @@ class Node:
         self._ring: Ring | None = None
         self._tasks: list[asyncio.Task] = []
         self.started = time.time()
+        # The RPC server answers from the start (Raft messages, joins, this
+        # node's own group requests during start-up); everything that needs
+        # the started node answers "not_ready" until start() has finished.
+        self.ready = False
 
     # ------------------------------------------------------------ identity
 
@@ -363,6 +368,7 @@ class Node:
                        asyncio.create_task(self.resolver.run(lambda: self.group.is_leader),
                                            name="txn-resolver")]
         self._root_ready = False
+        self.ready = True
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -433,9 +439,26 @@ class Node:
             return {"node": 1, "group": ROOT_GROUP, "members": [1], "bootstrap": True,
                     "cluster": {"nodes": {1: f"{cfg.listen[0]}:{self.server.port}"},
                                 "groups": {1: [1]}, "ring": [1], "version": 0}}
+        # The node to join may not be up yet (pods start in any order):
+        # wait for it, up to JOIN_WAIT seconds; a refusal is final.
         client = self.pool.get(*cfg.join)
-        r = await client.call("cluster.join", {"address": self.address,
-                                               "replicas": cfg.replicas}, timeout=30)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + JOIN_WAIT
+        delay = 0.1
+        while True:
+            try:
+                r = await client.call("cluster.join", {"address": self.address,
+                                                       "replicas": cfg.replicas}, timeout=30)
+                break
+            except RemoteError as exc:
+                if exc.code != "not_ready" or loop.time() + delay > end:
+                    raise
+            except (RpcError, OSError) as exc:
+                if loop.time() + delay > end:
+                    raise
+                log.info("joining %s:%d: %s; trying again", *cfg.join, exc)
+            await asyncio.sleep(delay)
+            delay = min(2.0, delay * 2)
         f = r.fields
         return {"node": f["node"], "group": f["group"], "members": f["members"],
                 "cluster": f["cluster"]}
@@ -475,6 +498,8 @@ class Node:
         rv = fields.get("rv")
         if rv is None:
             return                                  # an operator tool, a test
+        if self._ring is None:
+            raise self.not_ready()
         if rv > self._ring.version:
             await self.refresh_cluster()
         if rv < self._ring.version:
@@ -536,6 +561,9 @@ class Node:
         # (check_ring's owner), once per request.
         h.update({"chunk.read": _chunk_handler(self._h_chunk_read),
                   "chunk.write": _chunk_handler(self._h_chunk_write)})
+        # Needs the started node (namespace, data path, write-back).
+        h = {name: (fn if name.startswith("group.") else self._when_ready(fn))
+             for name, fn in h.items()}
         # Not ring-versioned: membership and maps (how a stale sender gets
         # a new ring), status, and Raft's own messages (terms order them)
         # with the chunk fetches of a snapshot install.
@@ -545,6 +573,19 @@ class Node:
                   "cluster.node_status": self._h_node_status})
         h.update(self.host.handlers())
         return h
+
+    def not_ready(self) -> HandlerError:
+        """The answer of a node still starting: retryable (callers ask
+        again, or another node, within their deadline)."""
+        who = f"node {self.node_id}" if self.node_id else "this node"
+        return HandlerError("not_ready", f"{who} is starting and not ready yet")
+
+    def _when_ready(self, handler):
+        async def wrapped(ctx, fields, payload):
+            if not self.ready:
+                raise self.not_ready()
+            return await handler(ctx, fields, payload)
+        return wrapped
 
     def _ring_checked(self, handler):
         """Answer ``stale_ring`` to a sender with an older ring, before the

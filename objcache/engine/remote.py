@@ -20,13 +20,14 @@ async def call_member(pool: ClientPool, address: str, method: str, fields: dict,
     """One try at a group member: ``((fields, payload), None)`` when it
     answered as the leader, ``(None, hint)`` when it is not the leader
     (``hint``: the leader it knows, or 0/None), ``(None, None)`` when it
-    could not be reached. Any other remote error is raised."""
+    could not be reached or is still starting ("not_ready": asked again
+    within the caller's deadline). Any other remote error is raised."""
     host, _, port = address.rpartition(":")
     try:
         r = await pool.get(host, int(port)).call(method, fields, payload, timeout=timeout)
         return (r.fields, r.payload), None
     except RemoteError as exc:
-        if exc.code != "not_leader":
+        if exc.code not in ("not_leader", "not_ready"):
             raise
         return None, (exc.details or {}).get("leader")
     except RpcError:

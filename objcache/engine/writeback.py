@@ -220,7 +220,11 @@ class WriteBack:
                     return 1 if await self._write_back(n) else 0
                 except Exception as exc:  # noqa: BLE001 - stays dirty, next pass retries
                     self.stats["failures"] += 1
-                    log.warning("write-back of inode %d failed: %r", n.id, exc)
+                    if self._raced(n, exc):
+                        log.info("write-back of inode %d raced with a change (%r); the "
+                                 "next pass takes what is there then", n.id, exc)
+                    else:
+                        log.warning("write-back of inode %d failed: %r", n.id, exc)
                     return 0
                 finally:
                     self._busy.discard(n.id)
@@ -236,6 +240,16 @@ class WriteBack:
             done += await self._delete_tombstones()
         done += sum(await asyncio.gather(*(one(n) for n in todo)))
         return done
+
+    def _raced(self, n: Inode, exc: Exception) -> bool:
+        """Did the upload of ``n`` fail because the file changed under it
+        (deleted, truncated, rewritten: a chunk version it read is gone, the
+        inode is gone)? Such a failure resolves itself at the next pass and
+        is not worth a warning."""
+        cur = self.state.inodes.get(n.id)
+        if cur is None or cur.data_version != n.data_version or cur.nlink <= 0:
+            return True
+        return isinstance(exc, OSError) and exc.errno in (errno.ENOENT, errno.ESTALE)
 
     async def expire_orphans(self) -> int:
         """Forget this group's orphans whose lease ended: their holder (a

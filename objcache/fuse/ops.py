@@ -42,6 +42,11 @@ from .readbuf import ChunkBuffers
 log = logging.getLogger(__name__)
 
 WRITE_BEHIND_SENDS = 2      # sends of gathered writes in flight per file (see _File)
+# Mount-wide bound on write-behind memory (gathered + being sent), in
+# write-behind buffers: one sequential writer needs three (one filling, two
+# sending); many files written at once share the rest, so the mount's
+# memory does not grow with the number of open files.
+WRITE_BEHIND_BUDGET = 4
 ATTR_TIMEOUT = 1.0          # seconds the kernel may cache entries and attributes
 BLOCK = 4096
 
@@ -74,7 +79,10 @@ class _File:
     owners together: one durable Raft write per chunk instead of one per
     write(2) — a 64 KiB write costs a replicated commit otherwise
     (bench/RESULTS.md). Up to ``WRITE_BEHIND_SENDS`` sends run while the
-    writer fills the next buffer. Invariants:
+    writer fills the next buffer; a write that would start another waits
+    first. All files together hold at most ``WRITE_BEHIND_BUDGET``
+    buffers' worth (gathered or being sent): a write over that sends every
+    gathered buffer and waits for a send to end. Invariants:
     * Sends apply in the order they took their bytes: each waits for the
       one before it (``sends``, oldest first).
     * Every publish (close, fsync, truncate, unmount) and every read of
@@ -126,6 +134,9 @@ class ObjcacheOperations(pyfuse3.Operations):
         self.buffers = ChunkBuffers(client.read, chunk_size)
         self.block_size = block_size
         self.write_behind = write_behind if write_behind is not None else chunk_size
+        self.write_behind_budget = WRITE_BEHIND_BUDGET * self.write_behind
+        self._wb_bytes = 0                          # gathered + being sent, all files
+        self._wb_freed = asyncio.Event()            # set when a send ends
         self.total_bytes = total_bytes
         self._handles: dict[int, _Handle] = {}
         self._files: dict[int, _File] = {}          # inode -> open file
@@ -363,9 +374,20 @@ class ObjcacheOperations(pyfuse3.Operations):
         # pages); waiting after starting the send let 148 1 MiB sends pile
         # up in one fsx run. No await from here on: the checks below and
         # the sends they start happen together.
-        while len(f.sends) >= WRITE_BEHIND_SENDS and \
-                self._starts_send(f, f.size if h.append else off, len(buf)):
-            await asyncio.wait([f.sends[0]])
+        while True:
+            if len(f.sends) >= WRITE_BEHIND_SENDS and \
+                    self._starts_send(f, f.size if h.append else off, len(buf)):
+                await asyncio.wait([f.sends[0]])
+            elif self._wb_bytes and self._wb_bytes + len(buf) > self.write_behind_budget:
+                # Over the mount's budget: every gathered buffer goes out
+                # (only sends free memory), then wait for one to end.
+                for other in list(self._files.values()):
+                    if other.pending is not None:
+                        self._send(other)
+                self._wb_freed.clear()
+                await self._wb_freed.wait()
+            else:
+                break
         if h.append:
             off = f.size
         self._raise_error(f)
@@ -376,6 +398,7 @@ class ObjcacheOperations(pyfuse3.Operations):
             if p is not None:
                 self._send(f)
             f.pending, f.pending_off = bytearray(buf), off
+        self._wb_bytes += len(buf)
         if not f.dirty:
             node = f.node.copy()
             node.data_version += 1                   # local marker: not the bucket's
@@ -403,6 +426,13 @@ class ObjcacheOperations(pyfuse3.Operations):
         task.add_done_callback(f.sends.remove)
 
     async def _send_after(self, f: _File, prev, buf: bytearray, off: int) -> None:
+        try:
+            await self._send_now(f, prev, buf, off)
+        finally:
+            self._wb_bytes -= len(buf)
+            self._wb_freed.set()
+
+    async def _send_now(self, f: _File, prev, buf: bytearray, off: int) -> None:
         if prev is not None:
             await asyncio.wait([prev])
         try:

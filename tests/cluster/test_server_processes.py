@@ -11,6 +11,7 @@ import pytest
 
 from objcache.client.cluster import ClusterClient
 from objcache.meta.model import ROOT
+from objcache.testing.processes import stop_processes
 from tests.server_cluster import SECRET, Cluster
 
 
@@ -174,3 +175,57 @@ def _list_wide(cluster, names):
     assert sorted(n for n, _, _ in listed) == [n.encode() for n in names]
     assert sorted(n for n, _ in plus) == [n.encode() for n in names]
     assert all(node.size == 1 and node.id for _, node in plus)
+
+
+def test_a_starting_node_answers_not_ready_and_clients_wait(tmp_path, moto_bucket):
+    """A node started before the node it joins serves RPC at once but is
+    not ready: requests get a retryable "not_ready" (exact message, no
+    traceback in its log), and a client that only knows this node waits
+    for it within its deadline instead of failing."""
+    from objcache.rpc import RemoteError, RpcClient
+    from objcache.testing.s3servers import free_port
+    s3, bucket = moto_bucket
+    seed_port, port = free_port(), free_port()
+    env = dict(os.environ, OBJCACHE_SECRET=SECRET, AWS_ACCESS_KEY_ID=s3.access_key,
+               AWS_SECRET_ACCESS_KEY=s3.secret_key, AWS_DEFAULT_REGION="us-east-1")
+
+    def server(name, listen, *extra):
+        log = open(tmp_path / f"{name}.log", "ab")
+        return subprocess.Popen(
+            [sys.executable, "-m", "objcache", "server", "--data-dir", str(tmp_path / name),
+             "--listen", f"127.0.0.1:{listen}", "--bucket", f"s3://{bucket}/pre",
+             "--endpoint-url", s3.endpoint_url, *extra],
+            env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+
+    procs = [server("early", port, "--join", f"127.0.0.1:{seed_port}")]
+    try:
+        async def while_starting():
+            c = RpcClient("127.0.0.1", port, SECRET.encode(), connect_timeout=1.0)
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 30
+            while True:                              # until its RPC server listens
+                try:
+                    await c.call("meta.getattr", {"ino": ROOT}, timeout=5)
+                except RemoteError as exc:
+                    await c.close()
+                    return exc
+                except Exception:  # noqa: BLE001 - not listening yet
+                    assert loop.time() < end, "the starting node never listened"
+                    await asyncio.sleep(0.05)
+        exc = asyncio.run(while_starting())
+        assert (exc.code, exc.message) == ("not_ready", "this node is starting and not ready yet")
+
+        async def client_waits():
+            async with ClusterClient([("127.0.0.1", port)], SECRET.encode(), timeout=60) as c:
+                waiting = asyncio.ensure_future(c.getattr(ROOT))
+                await asyncio.sleep(0.5)
+                assert not waiting.done()             # still starting: the client waits
+                procs.append(server("seed", seed_port))
+                return (await waiting).id
+        assert asyncio.run(asyncio.wait_for(client_waits(), 90)) == ROOT
+        for p in procs:
+            assert "serving" in p.stdout.readline()
+    finally:
+        stop_processes(procs)
+    log = (tmp_path / "early.log").read_text()
+    assert "Traceback" not in log and "AttributeError" not in log, log[-3000:]
