@@ -14,12 +14,13 @@ SECRET = "server-process-test-secret"
 
 class Cluster:
     def __init__(self, tmp_path, s3, bucket, n=3, chunk="1MiB", replicas=1,
-                 prefix="pre", cache="64MiB"):
+                 prefix="pre", cache="64MiB", writeback_delay=0.2):
         self.procs = []
         self.argvs = []
         self.ports = []
         self.tmp_path, self.s3_server, self.bucket_url = tmp_path, s3, f"s3://{bucket}/{prefix}"
         self.chunk, self.replicas, self.cache = chunk, replicas, cache
+        self.writeback_delay = writeback_delay
         self.env = dict(os.environ, OBJCACHE_SECRET=SECRET, AWS_ACCESS_KEY_ID=s3.access_key,
                         AWS_SECRET_ACCESS_KEY=s3.secret_key, AWS_DEFAULT_REGION="us-east-1")
         for _ in range(n):
@@ -32,7 +33,8 @@ class Cluster:
                 str(self.tmp_path / f"node{i}"), "--listen", f"127.0.0.1:{port}",
                 "--bucket", self.bucket_url, "--endpoint-url", self.s3_server.endpoint_url,
                 "--cache-size", self.cache, "--chunk-size", self.chunk,
-                "--writeback-delay", "0.2", "--replicas", str(self.replicas)]
+                "--writeback-delay", str(self.writeback_delay),
+                "--replicas", str(self.replicas)]
         if i:
             argv += ["--join", f"127.0.0.1:{self.ports[0]}"]
         try:

@@ -5,14 +5,14 @@ Contract and error model: docs/backend.md.
 """
 from .base import (
     MAX_KEY_BYTES, MAX_PARTS, MAX_PUT_BYTES, MIN_PART_BYTES, AccessDenied,
-    BackendError, DeleteFailure, InvalidCredentials, InvalidRequest, ListPage,
+    BackendError, CopyPart, DeleteFailure, InvalidCredentials, InvalidRequest, ListPage,
     NoSuchBucket, NotFound, ObjectInfo, ObjectStore, PreconditionFailed,
     StoreClosed, TransientError)
 from .faults import Fault, FaultPlan, FaultyStore
 from .memory import MemoryServer, MemoryStore
 
 __all__ = [
-    "ObjectStore", "ObjectInfo", "ListPage", "DeleteFailure",
+    "ObjectStore", "ObjectInfo", "ListPage", "DeleteFailure", "CopyPart",
     "BackendError", "NotFound", "NoSuchBucket", "PreconditionFailed",
     "AccessDenied", "InvalidCredentials", "InvalidRequest", "TransientError",
     "StoreClosed", "MemoryStore", "MemoryServer", "S3Store",

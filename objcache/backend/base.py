@@ -232,6 +232,17 @@ class Stats:
 # Argument checks shared by every implementation (same failures everywhere)
 
 
+@dataclass(frozen=True)
+class CopyPart:
+    """A ``multipart_compose`` part copied server-side: ``length`` bytes
+    from ``start`` of object ``key`` (relative to the store's prefix), which
+    must have ETag ``etag``."""
+    key: str
+    start: int
+    length: int
+    etag: str
+
+
 def normalize_prefix(prefix: str) -> str:
     """``""`` stays the bucket root; anything else ends with exactly the
     ``/`` the caller gave or one added: ``"data"`` -> ``"data/"``."""
@@ -570,6 +581,49 @@ class ObjectStore(abc.ABC):
         return await self._drive_multipart(
             full, upload_id, cut_parts(parts, part_size), concurrency,
             lambda n, views: self._mpu_upload_part(full, upload_id, n, views))
+
+    async def multipart_compose(self, key: str, parts: Any, *,
+                                metadata: dict[str, str] | None = None,
+                                content_type: str | None = None,
+                                concurrency: int = 4) -> str:
+        """An object made of parts given one by one; returns its ETag.
+
+        ``parts`` (an iterable or an async iterator) yields, in order, each
+        part as its bytes (bytes-like, or a list of them sent as one part)
+        or as a ``CopyPart``: a range of another object in this store,
+        copied server-side (UploadPartCopy: no byte passes through this
+        process). S3's rules hold: every part but the last is 5 MiB..5 GiB,
+        at most 10,000 parts (InvalidRequest on the 10,001st; the server
+        refuses a short middle part). Up to ``concurrency`` parts at once,
+        the iterator pulled only when a slot is free. Any failure (or
+        cancellation) aborts the upload and re-raises.
+        """
+        if not isinstance(concurrency, int) or concurrency < 1:
+            raise InvalidRequest(f"concurrency must be >= 1, not {concurrency!r}")
+        full = full_key(self.prefix, key)
+        meta = check_metadata(metadata)
+        self._check_open()
+
+        async def jobs() -> AsyncIterator[Any]:
+            if hasattr(parts, "__aiter__"):
+                async for part in parts:
+                    yield part
+            else:
+                for part in parts:
+                    yield part
+
+        async def do_part(n: int, part: Any) -> str:
+            if isinstance(part, CopyPart):
+                if part.length <= 0:
+                    raise InvalidRequest(f"part {n}: an empty copy range", key=full)
+                src = full_key(self.prefix, part.key, what="copy source")
+                return await self._mpu_upload_part_copy(
+                    full, upload_id, n, src, part.start, part.start + part.length - 1,
+                    unquote_etag(part.etag))
+            return await self._mpu_upload_part(full, upload_id, n, byte_views(part))
+
+        upload_id = await self._mpu_create(full, meta, content_type)
+        return await self._drive_multipart(full, upload_id, jobs(), concurrency, do_part)
 
     async def _drive_multipart(self, full: str, upload_id: str,
                                jobs: AsyncIterator[Any], concurrency: int,

@@ -197,6 +197,14 @@ class FaultyStore(ObjectStore):
             key, parts, part_size=part_size, metadata=metadata,
             content_type=content_type, concurrency=concurrency)
 
+    async def multipart_compose(self, key: str, parts: Any, *,
+                                metadata: dict[str, str] | None = None,
+                                content_type: str | None = None,
+                                concurrency: int = 4) -> str:
+        return await self.inner.multipart_compose(key, parts, metadata=metadata,
+                                                  content_type=content_type,
+                                                  concurrency=concurrency)
+
     async def copy(self, src_key: str, dst_key: str, *,
                    metadata: dict[str, str] | None = None,
                    if_match: str | None = None, content_type: str | None = None,
@@ -226,7 +234,8 @@ class FaultyStore(ObjectStore):
     async def close(self) -> None:
         await self.inner.close()
 
-    # Primitives: the inner store's (multipart_upload is delegated whole).
+    # Primitives: the inner store's (multipart_upload and multipart_compose
+    # are delegated whole).
     def _check_open(self) -> None:
         self.inner._check_open()
 

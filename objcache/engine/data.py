@@ -29,7 +29,7 @@ import msgpack
 
 from objcache.backend.base import PreconditionFailed
 from objcache.meta.model import Inode
-from objcache.meta.state import covers
+from objcache.meta.state import covers, evictable, spill_of
 from objcache.raft.types import NotLeader
 from objcache.txn.coordinator import new_txn_id
 
@@ -81,11 +81,15 @@ class ChunkService:
         if not self.group.is_leader:
             raise NotLeader(self.group.leader)
         cache = self.machine.cache
+        chunks = self.machine.state.chunks
         cs = self.chunk_size
         start = index * cs
         length = max(0, min(cs, size - start))
 
         def loader_for(i, v):
+            spill = spill_of(chunks.get((inode, i)), v)
+            if spill is not None:                   # its own object (engine/spill.py)
+                return self._loader(spill[0], spill[1], 0, chunks[(inode, i)][1])
             if not from_bucket or s3 is None:
                 return None                         # must be local (dirty chunks are pinned)
             st = i * cs
@@ -93,11 +97,11 @@ class ChunkService:
 
         if length == 0:
             return None
-        if version == base and s3 is None:
-            return None                             # never written, no object: a hole
         ra = [((inode, i), v, loader_for(i, v)) for i, v in (ahead or [])
               if loader_for(i, v) is not None]
         loader = loader_for(index, version)
+        if version == base and s3 is None and loader is None:
+            return None                             # never written, no object: a hole
         try:
             return await cache.read((inode, index), version, loader, readahead=ra)
         except LookupError:
@@ -130,7 +134,7 @@ class ChunkService:
                 max(end, rec[1] if has_local else 0, in_bucket))
             rec = st.chunks.get((inode, index))     # (the wait may have changed it)
             has_local = rec is not None and rec[0] >= epoch_base
-            if has_local and rec[2] and not covers(offset, len(data), rec[1]):
+            if has_local and evictable(rec) and not covers(offset, len(data), rec[1]):
                 base = await self._content(inode, index, rec[0], rec[1], s3, s3_size)
                 r = await self.group.propose(msgpack.packb(
                     ["cbase", inode, index, base, epoch_base, rec[0]]))
@@ -155,7 +159,10 @@ class ChunkService:
         evicted, and the inode's object holds its clean versions)."""
         cs = self.chunk_size
         loader = None
-        if s3:
+        spill = spill_of(self.machine.state.chunks.get((inode, index)), version)
+        if spill is not None:
+            loader = self._loader(spill[0], spill[1], 0, length)
+        elif s3:
             loader = self._loader(s3[0], s3[1], index * cs,
                                   max(0, min(length, s3_size - index * cs)))
         try:

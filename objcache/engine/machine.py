@@ -19,11 +19,11 @@ the ones that brought a lagging replica its dirty chunks. So before the core
 sees the snapshot, the replica fetches from the sender every dirty version
 the snapshot names that its cache lacks (``fetch_chunk``, set by the node;
 the sender answers with ``chunk_for_peer``: the version or a newer one, or
-"gone" when its own records have moved past it — cleaned, superseded,
-dropped — so that the entries after the snapshot bring the rest) and
-stores it durably. A fetch that fails refuses the snapshot; the leader
-sends it again later. Clean versions are not fetched: the bucket holds
-them.
+"gone" when its own records have moved past it — cleaned, spilled,
+superseded, dropped — so that the entries after the snapshot bring the
+rest) and stores it durably. A fetch that fails refuses the snapshot; the
+leader sends it again later. Clean and spilled versions are not fetched:
+the bucket (the object, a spill object) holds them.
 
 Reconciliation after a restart (``reconcile``): the cache's removals are
 not durable when they return, so a crash can bring back a dirty version
@@ -38,12 +38,13 @@ from __future__ import annotations
 
 import msgpack
 
-from objcache.meta.state import GroupState
+from objcache.meta.state import GroupState, evictable, spill_of
 
 
 class GroupMachine:
-    def __init__(self, group_id: int, cache, chunk_size: int, fetch_chunk=None):
+    def __init__(self, group_id: int, cache, chunk_size: int, fetch_chunk=None, store=None):
         self.group_id = group_id
+        self.store = store                  # ObjectStore: spill objects (chunk_for_peer)
         self.state = GroupState(group_id)
         self.cache = cache
         self.chunk_size = chunk_size
@@ -60,7 +61,8 @@ class GroupMachine:
             cmd = msgpack.unpackb(entry.data, use_list=True)
         except Exception:  # noqa: BLE001 - the pure state answers EINVAL
             return self.state.apply_data(entry.data, entry.index)
-        if isinstance(cmd, list) and cmd and cmd[0] in ("cwrite", "cbase", "cdrop", "cclean"):
+        if isinstance(cmd, list) and cmd and cmd[0] in ("cwrite", "cbase", "cdrop", "cclean",
+                                                        "cspill"):
             return self._apply_chunk(cmd, entry.index)
         return self.state.apply_command(cmd, entry.index)
 
@@ -77,7 +79,7 @@ class GroupMachine:
         incoming = GroupState(self.group_id)
         incoming.restore(data)
         missing = [(key, rec[0]) for key, rec in incoming.chunks.items()
-                   if not rec[2] and not self._have(key, rec[0])]
+                   if not evictable(rec) and not self._have(key, rec[0])]
         if missing and self.fetch_chunk is None:
             raise RuntimeError(f"group {self.group_id}: a snapshot names {len(missing)} "
                                f"dirty chunks this replica lacks, and it has no peer "
@@ -92,20 +94,30 @@ class GroupMachine:
         return fetched
 
     async def chunk_for_peer(self, key, version: int) -> tuple[int, bytes] | None:
-        """For a replica installing our snapshot: ``version`` of chunk
-        ``key`` or the newer one we hold; None when our records have moved
-        past it (clean now, superseded and gone, dropped)."""
+        """For a replica installing our snapshot: chunk ``key`` at our
+        record's version (``version`` or newer: the entries after the
+        snapshot build on it) from the cache, else from its spill object;
+        None when the record is gone (dropped) or clean and evicted (the
+        bucket object holds it)."""
         rec = self.state.chunks.get(key)
-        if rec is None or rec[2] or rec[0] < version:
-            return None if rec is None or rec[2] else self._missing(key, version, rec)
+        if rec is None:
+            return None
+        if rec[0] < version:
+            self._missing(key, version, rec)
         got = self.cache.peek(key)
-        if got is None or got[0] < version:
-            return self._missing(key, version, rec)
-        view = await self.cache.read(key, got[0], None)
-        try:
-            return got[0], bytes(view.data)
-        finally:
-            view.release()
+        if got is not None and got[0] >= rec[0]:
+            view = await self.cache.read(key, got[0], None)
+            try:
+                return got[0], bytes(view.data)
+            finally:
+                view.release()
+        loc = spill_of(rec, rec[0])
+        if loc is not None and self.store is not None:
+            data = await self.store.get_range(loc[0], 0, rec[1], if_match=loc[1])
+            return rec[0], bytes(data)
+        if rec[2]:
+            return None
+        self._missing(key, version, rec)
 
     def _missing(self, key, version: int, rec) -> None:
         raise LookupError(f"group {self.group_id}: chunk {key} v{version} asked for by a "
@@ -120,10 +132,17 @@ class GroupMachine:
                 if key not in self.state.chunks]
 
     def reconcile(self) -> int:
-        """Discard the dirty versions no record references; returns how many."""
+        """Discard the dirty versions no record references; returns how
+        many. Versions whose record says the bucket or a spill object holds
+        them are marked clean again (the cache's clean flag is not durable:
+        a crash brings such a file back dirty, holding budget)."""
         stale = self.unreferenced_dirty()
         for key, _version in stale:
             self.cache.discard(key)
+        for key, version, _length in self.cache.dirty_chunks():
+            rec = self.state.chunks.get(key)
+            if rec is not None and rec[0] == version and evictable(rec):
+                self.cache.mark_clean(key, version)
         return len(stale)
 
     def _have(self, key, version: int) -> bool:
@@ -157,6 +176,9 @@ class GroupMachine:
         elif kind == "cclean":
             _, inode, idx, version = cmd
             self.cache.mark_clean((inode, idx), version)
+        elif kind == "cspill":
+            if r[1]:                                # the spill object holds it: evictable
+                self.cache.mark_clean((cmd[1], cmd[2]), cmd[3])
         elif kind == "cdrop":
             inode = cmd[1]
             for c in r[1]:

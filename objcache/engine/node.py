@@ -56,6 +56,7 @@ from objcache.txn.coordinator import Coordinator, Resolver
 from .data import ChunkService, DataClient
 from .machine import GroupMachine
 from .remote import ChunkProxy, call_member
+from .spill import Spiller
 from .writeback import WriteBack
 
 log = logging.getLogger(__name__)
@@ -311,7 +312,7 @@ class Node:
                                                            f"g{self.group_id}"),
                                               segment_bytes=16 << 20)
         self.machine = GroupMachine(self.group_id, self.cache, cfg.chunk_size,
-                                    fetch_chunk=self._fetch_chunk)
+                                    fetch_chunk=self._fetch_chunk, store=self.store)
         opts = GroupOptions(tick_seconds=cfg.tick_seconds)
         # A group is bootstrapped by its first member alone, so every
         # replica's log starts from the membership {first member}: later
@@ -353,6 +354,8 @@ class Node:
         self.writeback = WriteBack(self.group, self.store, self.data, self.router,
                                    chunk_size=cfg.chunk_size, delay=cfg.writeback_delay,
                                    namespace=self.ns, current_ring=self.current_ring)
+        self.spiller = Spiller(self.group, self.store, cfg.chunk_size,
+                               owner_of=lambda key: self.ring().chunk_owner(*key))
         self.resolver = Resolver(self.group_id, self.machine.state, self.router)
         await self.refresh_cluster()
         if self.cluster["nodes"].get(self.node_id) != self.address:
@@ -365,6 +368,7 @@ class Node:
                                            name="cache-reconcile"),
                        asyncio.create_task(self._refresh_loop(), name="cluster-refresh"),
                        asyncio.create_task(self.writeback.run(), name="write-back"),
+                       asyncio.create_task(self.spiller.run(), name="spill"),
                        asyncio.create_task(self.resolver.run(lambda: self.group.is_leader),
                                            name="txn-resolver")]
         self._root_ready = False
@@ -747,6 +751,7 @@ class Node:
                 "raft": st, "cache": {k: v for k, v in self.cache.stats.items()
                                       if isinstance(v, (int, float))},
                 "pending": pend[1:] if pend else None, "uptime": time.time() - self.started,
+                "spill": dict(self.spiller.stats),
                 "local_reads": (dict(self.local_reads.stats, pinned=self.local_reads.pinned,
                                      path=self.local_reads.path)
                                 if self.local_reads is not None else None)}
@@ -774,12 +779,15 @@ class Node:
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
         report_at = loop.time() + 10
+        first = True
         while True:
             pending, what = 0, []
             for g in self.cluster["groups"]:
-                fields2, _ = await self.router.at_leader(g, "cluster.flush_group", {"g": g})
+                fields2, _ = await self.router.at_leader(g, "cluster.flush_group",
+                                                          {"g": g, "gc": first})
                 pending += fields2["pending"]
                 what += fields2.get("what", [])
+            first = False
             if pending == 0:
                 return {"pending": 0}
             if loop.time() > report_at:
@@ -885,6 +893,10 @@ class Node:
 
     async def _h_flush_group(self, ctx, fields, payload):
         self._local_group(fields["g"])
+        if fields.get("gc"):
+            # A drain leaves no spill object behind: also those of spills a
+            # crash interrupted (their tombstones are deleted just below).
+            await self.spiller.collect_garbage(min_age=0)
         await self.writeback.run_once(force=True, only=fields.get("only"))
         pending = self.writeback.pending()
         return {"pending": pending,

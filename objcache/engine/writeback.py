@@ -50,6 +50,7 @@ import time
 
 import msgpack
 
+from objcache.backend.base import CopyPart
 from objcache.meta import names as nm
 from objcache.meta import xattrs as xattr_codec
 from objcache.meta.model import ROOT, Inode, Kind
@@ -101,6 +102,7 @@ class WriteBack:
         # node just restarted asked the wrong group and dropped live chunks).
         self.current_ring = current_ring
         self.stats = {"uploads": 0, "copies": 0, "deletes": 0, "failures": 0, "bytes": 0,
+                      "bytes_copied": 0,
                       "relocations": 0, "deferred": 0, "parked": 0, "chunks_collected": 0}
         self._gc_checked: dict[int, float] = {}     # inode -> when its existence was checked
         self._busy: set[int] = set()
@@ -451,6 +453,25 @@ class WriteBack:
             self.stats["bytes"] += size
             return await self.store.put(key, body, metadata=meta), size
         part = part_size_for(size, self.chunk_size)
+        spilled = await self._spilled_chunks(n) if part == self.chunk_size else {}
+        if spilled:
+            # Chunks whose published version sits in a spill object are
+            # copied from it server-side (engine/spill.py); the rest is read
+            # and uploaded. Parts are chunks.
+            async def composed():
+                for index, off in enumerate(range(0, size, part)):
+                    want = min(part, size - off)
+                    sp = spilled.get(index)
+                    if sp is not None and sp[2] >= want:
+                        self.stats["bytes_copied"] += want
+                        yield CopyPart(sp[0], 0, want, sp[1])
+                    else:
+                        chunk = await self.data.read(n, off, want)
+                        self.stats["bytes"] += len(chunk)
+                        yield chunk
+            etag = await self.store.multipart_compose(key, composed(), metadata=meta,
+                                                      concurrency=self.concurrency)
+            return etag, size
 
         async def parts():
             for off in range(0, size, part):
@@ -461,6 +482,23 @@ class WriteBack:
         etag = await self.store.multipart_upload(key, parts(), part_size=part, metadata=meta,
                                                  concurrency=self.concurrency)
         return etag, size
+
+    async def _spilled_chunks(self, n: Inode) -> dict[int, tuple[str, str, int]]:
+        """{chunk index: (spill key, etag, length)} of ``n``'s chunks whose
+        published version is in a spill object, asked of their owners."""
+        ring = self.data.ring()
+        by_group: dict[int, list[int]] = {}
+        for index in n.chunks:
+            by_group.setdefault(ring.chunk_owner(n.id, index), []).append(index)
+        out = {}
+        for g, indexes in by_group.items():
+            r = await self.router.read(g, ["spills", n.id, sorted(indexes)])
+            if r[0] != "ok":
+                raise OSError(r[1], f"spilled chunks of inode {n.id}: {r[2]}")
+            for index, version, length, key, etag in r[1]:
+                if n.chunks.get(index) == version:
+                    out[index] = (key, etag, length)
+        return out
 
     async def _relocate(self, d: int) -> int:
         """Move a renamed directory's objects to its new prefix: once its
@@ -578,8 +616,8 @@ class WriteBack:
         or None when the key's directory does not exist (then nothing can
         claim the key except by creating that directory first: a window
         of one HEAD and one DELETE, documented in docs/storage-engine.md).
-        Parking-area keys have no name."""
-        if key.startswith(nm.PARKING):
+        Hidden-area keys (parking, spill) have no name."""
+        if key.startswith(nm.HIDDEN):
             return None
         is_marker = key.endswith("/")
         path = key[:-1] if is_marker else key

@@ -35,6 +35,10 @@ NAME_MAX = 255
 # segment: never a name, so never shown or reachable; at the root listing
 # it is skipped without a warning.
 PARKING = "/.objcache-parked/"
+# Where chunk owners spill dirty chunks of files larger than their cache
+# (engine/spill.py): one object per chunk version, hidden the same way.
+SPILL = "/.objcache-spill/"
+HIDDEN = (PARKING, SPILL)
 
 
 def name_problem(part: str) -> str | None:

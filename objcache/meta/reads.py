@@ -27,6 +27,9 @@ Requests:
                                  data from although they are no longer at them
                                  (renamed, not yet copied), and the old prefixes of
                                  moved directories (engine/writeback.py)
+  ["spills", ino, [idx, ...]] -> ["ok", [[idx, version, length, key, etag], ...]] the
+                                 chunks among those whose current version is spilled
+                                 (engine/spill.py)
 """
 from __future__ import annotations
 
@@ -64,6 +67,16 @@ def serve(state: GroupState, request: list) -> list:
                 node = state.inodes.get(ino)
                 out.append(None if node is None or ("i", ino) in state.locks
                            else node.to_wire())
+            return ok(out)
+        if kind == "spills":
+            # [[index, version, length, key, etag]] of the inode's chunks
+            # among ``indexes`` whose current version is spilled.
+            ino, indexes = request[1], request[2]
+            out = []
+            for idx in indexes:
+                rec = state.chunks.get((ino, idx))
+                if rec is not None and len(rec) > 3:
+                    out.append([idx, rec[0], rec[1], rec[3][0], rec[3][1]])
             return ok(out)
         if kind == "getattr":
             ino = request[1]

@@ -26,6 +26,10 @@ replica. Entries (msgpack arrays):
                                            (a deleted file)
   ["cclean", ino, idx, version]            that version is in the bucket now (the
                                            cache may evict it from then on)
+  ["cspill", ino, idx, version, key, etag] that version is also at spill key `key`
+                                           (a hidden object of its own): evictable,
+                                           loaded from there; a stale spill's key
+                                           is tombstoned
   ["join", address, replicas] / ["freeze"] cluster membership (root group only)
   ["readdress", node, address]             a node restarted on another address
 
@@ -113,6 +117,19 @@ from .model import Directory, Entry, Inode, Kind, S3State
 Result = list     # ["ok", ...] | ["err", errno, message]
 
 
+def evictable(rec: list) -> bool:
+    """A chunk record whose version replicas may have evicted: clean (the
+    bucket object holds it) or spilled (its spill object does)."""
+    return rec[2] or len(rec) > 3
+
+
+def spill_of(rec: list | None, version: int) -> list | None:
+    """[key, etag] of the spill object holding ``version``, if recorded."""
+    if rec is not None and rec[0] == version and len(rec) > 3:
+        return rec[3]
+    return None
+
+
 def covers(offset: int, size: int, length: int) -> bool:
     """A write of ``size`` bytes at ``offset`` replaces all ``length``
     bytes of a chunk's base (it needs no base). The state's refusal of a
@@ -186,13 +203,20 @@ class GroupState:
         # key -> the ETag seen ("" = whatever is there).
         self.tombstones: dict[str, str] = {}
         # Chunks this group owns that have local versions (written through
-        # objcache): (inode, index) -> [version, length, clean]. Version 0 —
-        # no record — means "the bucket's content at the inode's ETag".
+        # objcache): (inode, index) -> [version, length, clean] or
+        # [version, length, clean, [spill key, etag]]. Version 0 — no
+        # record — means "the bucket's content at the inode's ETag".
         # ``clean``: cclean'd, so any replica's cache may have evicted it;
         # a partial cwrite needs its base in every replica's cache, so it
         # is refused over a clean version (the leader re-bases with cbase,
         # which ships the whole content): every replica decides alike, in
-        # log order, whatever its cache evicted meanwhile.
+        # log order, whatever its cache evicted meanwhile. A *spilled*
+        # version (cspill: its bytes also sit in a hidden object of their
+        # own, engine/spill.py) is treated the same way: evictable, loaded
+        # from the spill object, re-based before a partial write. A spill
+        # object is tombstoned (deleted by this group's write-back) once its
+        # record moves on: a newer version, a drop, or the bucket object
+        # holding the version (cclean).
         self.chunks: dict[tuple[int, int], list] = {}
         # inode -> highest chunk version dropped by a truncate (cdrop with
         # floor): new versions of its chunks start above it, so that a
@@ -277,7 +301,8 @@ class GroupState:
         # Older snapshots have no clean flag: their versions count as dirty
         # until their next cclean (one written back before the upgrade and
         # evicted by a follower is the old gap, until then).
-        self.chunks = {(r[0], r[1]): [r[2], r[3], bool(r[4]) if len(r) > 4 else False]
+        self.chunks = {(r[0], r[1]): [r[2], r[3], bool(r[4]) if len(r) > 4 else False,
+                                      *([r[5]] if len(r) > 5 and r[5] else [])]
                        for r in s["chunks"]}
         self.chunk_floors = dict(s.get("chunk_floors", ()))
         self.orphan_leases = dict(s.get("orphan_leases", ()))
@@ -394,15 +419,26 @@ class GroupState:
             cur = None                              # an older epoch: stale
         if offset < 0 or offset + len(data) > chunk_size:
             raise OpError(errno.EINVAL, "write outside the chunk")
-        if cur is not None and cur[2] and not covers(offset, len(data), cur[1]):
+        if cur is not None and evictable(cur) and not covers(offset, len(data), cur[1]):
             raise OpError(errno.EAGAIN, f"chunk {index} v{cur[0]} is clean: re-base it")
         base_v, base_len = (cur[0], cur[1]) if cur else (0, 0)
         prev = base_v or max(epoch_base, self.chunk_floors.get(inode, 0))
         length = max(base_len, offset + len(data))
-        self.chunks[(inode, index)] = [prev + 1, length, False]
+        self._set_chunk((inode, index), [prev + 1, length, False])
         # A write covering a clean version needs no base (its apply must
         # not look for one: the cache may have evicted it).
-        return ok(prev + 1, base_v if cur is None or not cur[2] else 0, length)
+        return ok(prev + 1, base_v if cur is None or not evictable(cur) else 0, length)
+
+    def _set_chunk(self, key, rec: list | None) -> None:
+        """Replace (None: drop) chunk ``key``'s record; the spill object of
+        the record it replaces is tombstoned."""
+        old = self.chunks.get(key)
+        if old is not None and len(old) > 3:
+            self.tombstones[old[3][0]] = old[3][1]
+        if rec is None:
+            self.chunks.pop(key, None)
+        else:
+            self.chunks[key] = rec
 
     def _cmd_cbase(self, inode, index, data, epoch_base, of=None) -> Result:
         """A chunk's whole content as a dirty local base, shipped in the
@@ -415,21 +451,35 @@ class GroupState:
         follows answers EAGAIN if it still lacks a base."""
         cur = self.chunks.get((inode, index))
         if cur is not None and cur[0] >= epoch_base:
-            if not cur[2] or cur[0] != of:
+            if not evictable(cur) or cur[0] != of:
                 return ok(cur[0], cur[1], False)
             v = cur[0] + 1
         else:
             v = max(epoch_base, self.chunk_floors.get(inode, 0)) + 1
-        self.chunks[(inode, index)] = [v, len(data), False]
+        self._set_chunk((inode, index), [v, len(data), False])
         return ok(v, len(data), True)
 
     def _cmd_cclean(self, inode, index, version) -> Result:
         """Write-back stored chunk ``version`` in the bucket: the node may
-        evict it (the bucket can give it back)."""
+        evict it (the bucket can give it back). Its spill object, if any,
+        is not needed any more."""
         cur = self.chunks.get((inode, index))
         if cur is not None and cur[0] == version:
-            cur[2] = True
+            self._set_chunk((inode, index), [cur[0], cur[1], True])
         return ok()
+
+    def _cmd_cspill(self, inode, index, version, key, etag) -> Result:
+        """Chunk ``version``'s bytes were stored at spill key ``key``
+        (engine/spill.py): it may be evicted, and is loaded from there.
+        Returns [True] when recorded; [False] when the record moved on
+        meanwhile (another version, clean, dropped, spilled already): the
+        object is then garbage and tombstoned at once."""
+        cur = self.chunks.get((inode, index))
+        if cur is None or cur[0] != version or evictable(cur):
+            self.tombstones[key] = etag
+            return ok(False)
+        self.chunks[(inode, index)] = [cur[0], cur[1], False, [key, etag]]
+        return ok(True)
 
     def _cmd_cdrop(self, inode, from_index, floor=False) -> Result:
         """Forget local versions of chunks >= from_index: a truncate
@@ -438,7 +488,7 @@ class GroupState:
         dropped = [c for (i, c) in self.chunks if i == inode and c >= from_index]
         top = max((self.chunks[(inode, c)][0] for c in dropped), default=0)
         for c in dropped:
-            del self.chunks[(inode, c)]
+            self._set_chunk((inode, c), None)
         if floor:
             if top > self.chunk_floors.get(inode, 0):
                 self.chunk_floors[inode] = top

@@ -6,6 +6,7 @@ import asyncio
 
 from objcache.backend.memory import MemoryStore
 from objcache.cache import ChunkCache
+from objcache.cache.disk import file_size
 from objcache.cluster.ring import Ring
 from objcache.engine.data import ChunkService, DataClient
 from objcache.engine.machine import GroupMachine
@@ -16,8 +17,10 @@ CHUNK = 1 << 20     # small chunks keep tests fast; the code paths are the same
 
 
 class Engine:
-    def __init__(self, tmp_path, groups=3, replicas=1, store=None, chunk=CHUNK, options=None):
+    def __init__(self, tmp_path, groups=3, replicas=1, store=None, chunk=CHUNK, options=None,
+                 disk_chunks=256):
         self.tmp = tmp_path
+        self.disk_chunks = disk_chunks
         self.store = store or MemoryStore("bucket")
         self.chunk = chunk
         self.caches: dict[tuple[int, int], ChunkCache] = {}
@@ -31,13 +34,15 @@ class Engine:
         cache = self.caches.get((g, node))
         if cache is None:
             cache = ChunkCache(str(self.tmp / f"cache-{g}-{node}"), memory_bytes=16 * self.chunk,
-                               disk_bytes=256 * self.chunk, chunk_size=self.chunk)
+                               disk_bytes=self.disk_chunks * file_size(self.chunk),
+                               chunk_size=self.chunk)
             self.caches[(g, node)] = cache
             self._to_open.append(cache)
 
         async def fetch(sender, key, version):      # a snapshot's chunks, from its sender
             return await self.machines[(g, sender)].chunk_for_peer(key, version)
-        m = self.machines[(g, node)] = GroupMachine(g, cache, self.chunk, fetch_chunk=fetch)
+        m = self.machines[(g, node)] = GroupMachine(g, cache, self.chunk, fetch_chunk=fetch,
+                                                    store=self.store)
         return m
 
     def _service(self, g, node, rg):

@@ -14,11 +14,11 @@ def run(coro, timeout=120):
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
-async def writebacks(e, **kw):
+async def writebacks(e, chunk=CHUNK, **kw):
     out = []
     for g in e.cluster.group_ids:
         leader = await e.cluster.leader(g)
-        out.append(WriteBack(leader, e.store, e.data, e.cluster, chunk_size=CHUNK,
+        out.append(WriteBack(leader, e.store, e.data, e.cluster, chunk_size=chunk,
                              delay=0, namespace=e.ns, **kw))
     return out
 
