@@ -25,8 +25,9 @@ Workloads (``--scale`` multiplies their sizes; 1.0 is the issue's figure):
   written and synced first; every reader reads a whole file).
 
 Sampled every 50 ms for each process: resident anonymous memory
-(RssAnon), resident shared memory (RssShmem: the page arena), and the
-kernel's peak (VmHWM); every 0.5 s the bytes on disk under each data
+(RssAnon), its share of resident shared memory (Pss_Shmem: the page arena,
+counted once although an embedded mount maps it twice), and the kernel's
+peak of the whole RSS (VmHWM, which counts such pages twice); every 0.5 s the bytes on disk under each data
 directory's Raft logs (``*/raft``) and chunk cache. After the workload the
 processes are stopped (SIGTERM: the mount drains) and started again on the
 same data directories: the restart's figures are reported too (a log that
@@ -68,6 +69,14 @@ def _status(pid: int) -> dict[str, int]:
             for line in f:
                 key, _, rest = line.partition(":")
                 if key in ("VmRSS", "VmHWM", "RssAnon", "RssShmem", "RssFile"):
+                    out[key] = int(rest.split()[0]) * 1024
+        # Shared memory as a proportional share: an arena page mapped twice
+        # (an embedded mount maps its node's arena for zero-copy reads too)
+        # counts once, not twice as RssShmem has it.
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key == "Pss_Shmem":
                     out[key] = int(rest.split()[0]) * 1024
     except OSError:
         pass
@@ -119,7 +128,7 @@ class Sampler:
             st = _status(pid)
             p = self.peak[name]
             p["anon"] = max(p["anon"], st.get("RssAnon", 0))
-            p["shmem"] = max(p["shmem"], st.get("RssShmem", 0))
+            p["shmem"] = max(p["shmem"], st.get("Pss_Shmem", st.get("RssShmem", 0)))
             p["rss"] = max(p["rss"], st.get("VmRSS", 0))
             p["hwm"] = max(p["hwm"], st.get("VmHWM", 0))
             if disk and data_dir:

@@ -784,7 +784,8 @@ class Node:
             pending, what = 0, []
             for g in self.cluster["groups"]:
                 fields2, _ = await self.router.at_leader(g, "cluster.flush_group",
-                                                          {"g": g, "gc": first})
+                                                          {"g": g, "gc": first},
+                                                          timeout=max(1.0, end - loop.time()))
                 pending += fields2["pending"]
                 what += fields2.get("what", [])
             first = False
@@ -883,8 +884,12 @@ class Node:
         loop = asyncio.get_running_loop()
         end = loop.time() + float(fields.get("timeout", 300))
         while loop.time() < end:
+            # The pass uploads the file: as long as that takes, within the
+            # fsync's own deadline (the router's default 10 s cut large
+            # files' fsync short with ETIMEDOUT).
             fields2, _ = await self.router.at_leader(g, "cluster.flush_group",
-                                                      {"g": g, "only": ino})
+                                                      {"g": g, "only": ino},
+                                                      timeout=max(1.0, end - loop.time()))
             node = await self.ns.getattr(ino)
             if not node.dirty:
                 return {}
