@@ -49,11 +49,12 @@ DEFAULT_CHUNK = 8 << 20
 class ChunkService:
     """Serves the chunks of one group on this node (its leader)."""
 
-    def __init__(self, group, store, chunk_size: int, *, readahead: int = 4):
+    def __init__(self, group, store, chunk_size: int, *, readahead: int = 4, spiller=None):
         self.group = group                          # RaftGroup running a GroupMachine
         self.store = store
         self.chunk_size = chunk_size
         self.readahead = readahead
+        self.spiller = spiller                      # engine/spill.py: write-through
 
     @property
     def machine(self):
@@ -123,6 +124,8 @@ class ChunkService:
             raise NotLeader(self.group.leader)
         cs = self.chunk_size
         st = self.machine.state
+        if offset == 0 and self.spiller is not None and self.spiller.write_through(len(data)):
+            return await self.spiller.put_chunk(inode, index, data, epoch_base=epoch_base)
         in_bucket = max(0, min(cs, s3_size - index * cs)) if s3 else 0
         end = offset + len(data)
         for _ in range(8):

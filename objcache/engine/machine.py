@@ -62,7 +62,7 @@ class GroupMachine:
         except Exception:  # noqa: BLE001 - the pure state answers EINVAL
             return self.state.apply_data(entry.data, entry.index)
         if isinstance(cmd, list) and cmd and cmd[0] in ("cwrite", "cbase", "cdrop", "cclean",
-                                                        "cspill"):
+                                                        "cspill", "cput"):
             return self._apply_chunk(cmd, entry.index)
         return self.state.apply_command(cmd, entry.index)
 
@@ -176,6 +176,13 @@ class GroupMachine:
         elif kind == "cclean":
             _, inode, idx, version = cmd
             self.cache.mark_clean((inode, idx), version)
+        elif kind == "cput":
+            # The new version lives in its spill object only; older cached
+            # versions of the chunk are superseded (a dirty one would stay
+            # pinned otherwise). A newer one (fetched with a snapshot) stays.
+            got = self.cache.peek((cmd[1], cmd[2]))
+            if got is not None and got[0] < r[1]:
+                self.cache.discard((cmd[1], cmd[2]))
         elif kind == "cspill":
             if r[1]:                                # the spill object holds it: evictable
                 self.cache.mark_clean((cmd[1], cmd[2]), cmd[3])

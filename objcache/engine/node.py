@@ -336,7 +336,10 @@ class Node:
                 raise RuntimeError(f"bootstrap failed: {r}")
             ident["bootstrap"] = False              # recorded in the root group now
             self._save_identity(ident)
-        self.chunks = ChunkService(self.group, self.store, cfg.chunk_size)
+        self.spiller = Spiller(self.group, self.store, cfg.chunk_size,
+                               owner_of=lambda key: self.ring().chunk_owner(*key))
+        self.chunks = ChunkService(self.group, self.store, cfg.chunk_size,
+                                   spiller=self.spiller)
         self.local_reads = None
         path = socket_path(self.address, cfg.ipc_dir) if cfg.ipc_dir != "" else None
         if path is not None:
@@ -354,8 +357,6 @@ class Node:
         self.writeback = WriteBack(self.group, self.store, self.data, self.router,
                                    chunk_size=cfg.chunk_size, delay=cfg.writeback_delay,
                                    namespace=self.ns, current_ring=self.current_ring)
-        self.spiller = Spiller(self.group, self.store, cfg.chunk_size,
-                               owner_of=lambda key: self.ring().chunk_owner(*key))
         self.resolver = Resolver(self.group_id, self.machine.state, self.router)
         await self.refresh_cluster()
         if self.cluster["nodes"].get(self.node_id) != self.address:

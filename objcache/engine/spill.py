@@ -31,6 +31,13 @@ first pass and at a drain). A ``cspill`` whose
 version moved on meanwhile is refused by the state, which tombstones the
 object at once.
 
+Write-through: while the tier is over the high-water mark, a write of a
+whole chunk does not go through the log and the tier at all: its bytes are
+PUT straight to a spill object and a small ``cput`` entry records the new
+version, spilled from the start (``put_chunk``). A sequential writer of a
+file larger than the cache then writes each byte once, to the bucket,
+instead of to the log, the tier and then the spill object.
+
 Only full chunks spill (every multipart part but the last must be at least
 5 MiB, and a chunk part is copied whole). What cannot spill — the partial
 last chunk of each file being written — stays in the tier: the budget
@@ -88,7 +95,8 @@ class Spiller:
         self.high_water = high_water
         self.low_water = low_water
         self.concurrency = concurrency
-        self.stats = {"spilled": 0, "bytes": 0, "stale": 0, "failures": 0, "garbage": 0}
+        self.stats = {"spilled": 0, "written_through": 0, "bytes": 0, "stale": 0,
+                      "failures": 0, "garbage": 0}
         self._inflight: set[tuple[int, int]] = set()
         self._unrecorded: set[str] = set()          # spill keys PUT, cspill not applied
         self._collected_term = 0                    # leader term of the last full collection
@@ -166,6 +174,34 @@ class Spiller:
         self.stats["spilled"] += 1
         self.stats["bytes"] += length
         return 1
+
+    def write_through(self, length: int) -> bool:
+        """Should a write of a whole chunk go straight to a spill object
+        (``put_chunk``) instead of through the log and the disk tier? Yes
+        while the tier's dirty part is over the high-water mark: that chunk
+        would be spilled soon anyway, and this way its bytes are written
+        once (to the bucket) instead of three times (the log, the tier, the
+        spill object)."""
+        return length == self.chunk_size and self.over(self.high_water)
+
+    async def put_chunk(self, inode: int, index: int, data, *, epoch_base: int) -> int:
+        """Write a whole chunk straight to a spill object and record it
+        (``cput``); returns the new version. Durable in the bucket before
+        the entry that names it commits."""
+        obj = spill_key(inode, index, 0)
+        self._unrecorded.add(obj)
+        try:
+            etag = await self.store.put(obj, data)
+            r = await self.group.propose(msgpack.packb(
+                ["cput", inode, index, len(data), obj, etag, self.chunk_size, epoch_base]))
+        finally:
+            self._unrecorded.discard(obj)
+        if r[0] != "ok":
+            self.stats["failures"] += 1
+            raise OSError(r[1], f"recording a chunk written through: {r[2]}")
+        self.stats["written_through"] += 1
+        self.stats["bytes"] += len(data)
+        return r[1]
 
     async def collect_garbage(self, now: float | None = None,
                               min_age: float = GARBAGE_AGE) -> int:

@@ -26,6 +26,9 @@ replica. Entries (msgpack arrays):
                                            (a deleted file)
   ["cclean", ino, idx, version]            that version is in the bucket now (the
                                            cache may evict it from then on)
+  ["cput", ino, idx, length, key, etag, size, eb]  a write of a whole chunk whose bytes
+                                           went straight to spill key `key` (a new
+                                           version, spilled from the start)
   ["cspill", ino, idx, version, key, etag] that version is also at spill key `key`
                                            (a hidden object of its own): evictable,
                                            loaded from there; a stale spill's key
@@ -467,6 +470,20 @@ class GroupState:
         if cur is not None and cur[0] == version:
             self._set_chunk((inode, index), [cur[0], cur[1], True])
         return ok()
+
+    def _cmd_cput(self, inode, index, length, key, etag, chunk_size, epoch_base) -> Result:
+        """A write covering a whole chunk whose bytes were PUT straight to
+        spill key ``key`` (engine/spill.py, write-through): the next version,
+        spilled from the start (no data in the log, none in the caches).
+        Returns [version]."""
+        if not 0 < length <= chunk_size:
+            raise OpError(errno.EINVAL, "a chunk put outside the chunk")
+        cur = self.chunks.get((inode, index))
+        if cur is not None and cur[0] < epoch_base:
+            cur = None
+        prev = cur[0] if cur else max(epoch_base, self.chunk_floors.get(inode, 0))
+        self._set_chunk((inode, index), [prev + 1, length, False, [key, etag]])
+        return ok(prev + 1)
 
     def _cmd_cspill(self, inode, index, version, key, etag) -> Result:
         """Chunk ``version``'s bytes were stored at spill key ``key``

@@ -10,6 +10,7 @@ from objcache.cache.disk import file_size
 from objcache.cluster.ring import Ring
 from objcache.engine.data import ChunkService, DataClient
 from objcache.engine.machine import GroupMachine
+from objcache.engine.spill import Spiller
 from objcache.meta.namespace import Namespace
 from objcache.txn.local import LocalCluster
 
@@ -18,9 +19,13 @@ CHUNK = 1 << 20     # small chunks keep tests fast; the code paths are the same
 
 class Engine:
     def __init__(self, tmp_path, groups=3, replicas=1, store=None, chunk=CHUNK, options=None,
-                 disk_chunks=256):
+                 disk_chunks=256, spill=False):
         self.tmp = tmp_path
         self.disk_chunks = disk_chunks
+        # spill: each replica gets a Spiller (engine/spill.py), used by its
+        # ChunkService for write-through; the test runs their loops.
+        self.spill = spill
+        self.spillers: dict[tuple[int, int], Spiller] = {}
         self.store = store or MemoryStore("bucket")
         self.chunk = chunk
         self.caches: dict[tuple[int, int], ChunkCache] = {}
@@ -46,7 +51,11 @@ class Engine:
         return m
 
     def _service(self, g, node, rg):
-        return ChunkService(rg, self.store, self.chunk)
+        spiller = None
+        if self.spill:
+            spiller = self.spillers[(g, node)] = Spiller(
+                rg, self.store, self.chunk, owner_of=lambda key: self.ring.chunk_owner(*key))
+        return ChunkService(rg, self.store, self.chunk, spiller=spiller)
 
     async def start(self):
         self._to_open = []
